@@ -1,0 +1,18 @@
+//! mcp-warden: confine local MCP servers in the kernel, per tool call.
+//!
+//! Modules follow the data's path, and dependencies point one way, down:
+//! - entry points: [`cli`], [`run`], [`demo`]
+//! - [`relay`] (stdio framing, JSON-RPC, call tracking)
+//! - [`session`] (one confined server instance: kernel state + relay hooks)
+//! - [`kernel`] (load, attach, maps) and [`confine`] (cgroup, Landlock, seccomp)
+//! - [`events`] (decode -> enrich -> sinks)
+//! - [`policy`] (parse -> validate -> compile to map entries)
+pub mod cli;
+pub mod confine;
+pub mod demo;
+pub mod events;
+pub mod kernel;
+pub mod policy;
+pub mod relay;
+pub mod run;
+pub mod session;

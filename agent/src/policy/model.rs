@@ -1,0 +1,123 @@
+//! The validated, variable-expanded policy the rest of the agent consumes.
+//! Produced only by `policy::load`/`policy::parse` (see mod.rs); every path
+//! here is absolute and every address already parsed.
+use ipnet::IpNet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnViolation {
+    Deny,
+    Kill,
+}
+
+/// `/dir/**` (subtree) or an exact path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PathRule {
+    Exact(String),
+    Subtree(String),
+}
+
+impl PathRule {
+    /// The path without the `/**` suffix.
+    pub fn path(&self) -> &str {
+        match self {
+            PathRule::Exact(p) | PathRule::Subtree(p) => p,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileRules {
+    pub read: Vec<PathRule>,
+    pub write: Vec<PathRule>,
+    pub deny: Vec<PathRule>,
+}
+
+/// Inclusive port range; `*` is 0..=65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// An address or CIDR (a bare address is a /32 or /128).
+    Net(IpNet),
+    /// A DNS name, resolved by the agent and refreshed within its TTL.
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AddrRule {
+    pub host: Host,
+    pub ports: PortRange,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkRules {
+    pub connect: Vec<AddrRule>,
+    pub bind: Vec<AddrRule>,
+    /// Unix socket paths (PathRule semantics); abstract names start with '@'.
+    pub unix: Vec<PathRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecRules {
+    pub allow: Vec<PathRule>,
+}
+
+/// Rules of one section set: used for the server and for each tool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub files: FileRules,
+    pub network: NetworkRules,
+    pub exec: ExecRules,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolRules {
+    pub name: String,
+    pub rules: Rules,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub version: u32,
+    pub server: String,
+    pub mode: Mode,
+    pub on_violation: OnViolation,
+    /// Server-level rules: hold at all times.
+    pub rules: Rules,
+    /// `tools.allow`; None = every tool may be called.
+    pub tools_allow: Option<Vec<String>>,
+    /// Per-tool rules, in file order. A tool's index here + 1 is its bit in
+    /// the kernel's rule masks (bit 0 is the server).
+    pub tools: Vec<ToolRules>,
+    /// Where the policy came from (file path, "embedded:demo", ...).
+    pub source: String,
+}
+
+impl Policy {
+    /// Bit of `tool` in kernel rule masks, if it has rules of its own.
+    pub fn tool_bit(&self, tool: &str) -> Option<u64> {
+        self.tools
+            .iter()
+            .position(|t| t.name == tool)
+            .map(|i| 1u64 << (i + 1))
+    }
+
+    /// May `tool` be called at all?
+    pub fn tool_allowed(&self, tool: &str) -> bool {
+        match &self.tools_allow {
+            None => true,
+            Some(list) => list.iter().any(|t| t == tool),
+        }
+    }
+}
+

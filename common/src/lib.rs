@@ -1,0 +1,326 @@
+//! Types shared by the mcp-warden kernel programs (`ebpf/`) and the agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, has no `bool` and no implicit
+//! padding, so the same bytes mean the same thing on both sides of a map or
+//! of the ring buffer. Sizes are asserted at compile time.
+#![no_std]
+
+/// Map names. The kernel keeps 15 bytes of a map name; keep them shorter.
+pub mod maps {
+    pub const INSTANCES: &str = "mw_instances";
+    pub const NET4_RULES: &str = "mw_net4";
+    pub const NET6_RULES: &str = "mw_net6";
+    pub const UNIX_RULES: &str = "mw_unix";
+    pub const EVENTS: &str = "mw_events";
+    pub const STATS: &str = "mw_stats";
+    pub const SYSCALLS: &str = "mw_syscalls";
+}
+
+/// Program names as they appear in the object file (function names).
+pub mod programs {
+    pub const CONNECT4: &str = "mw_connect4";
+    pub const CONNECT6: &str = "mw_connect6";
+    pub const SENDMSG4: &str = "mw_sendmsg4";
+    pub const SENDMSG6: &str = "mw_sendmsg6";
+    pub const BIND4: &str = "mw_bind4";
+    pub const BIND6: &str = "mw_bind6";
+    pub const SOCK_CREATE: &str = "mw_sock_create";
+    pub const SYS_ENTER: &str = "mw_sys_enter";
+    pub const SYS_ENTER_CONNECT: &str = "mw_sys_connect";
+    pub const SCHED_EXEC: &str = "mw_sched_exec";
+    pub const SCHED_EXIT: &str = "mw_sched_exit";
+}
+
+/// Bit 0 of every rule mask: the rule belongs to the server itself and holds
+/// at all times. Bits 1..=63 are tools (tool index + 1), held only while a
+/// call of that tool is in flight.
+pub const SERVER_BIT: u64 = 1;
+/// At most this many tools can carry their own rules in one policy.
+pub const MAX_TOOLS_WITH_RULES: usize = 63;
+
+/// `InstanceState::flags`
+pub mod flags {
+    /// Audit mode: never refuse, report `decision = audit` instead of deny.
+    pub const AUDIT: u32 = 1 << 0;
+    /// Report allowed operations too (learn mode, verbose audit trail).
+    pub const EMIT_ALLOWED: u32 = 1 << 1;
+    /// `on_violation = "kill"`: userspace ends the whole tree on a denial.
+    pub const KILL: u32 = 1 << 2;
+}
+
+/// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the
+/// inode number of its cgroup v2 directory). Replaced whole by userspace
+/// (a hash-map update is atomic for readers), never edited in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceState {
+    /// Agent-assigned instance number, echoed in every event.
+    pub instance_id: u32,
+    /// Which rule set in the LPM tries belongs to this instance.
+    pub policy_id: u32,
+    /// `SERVER_BIT` | the bits of every tool with a call in flight.
+    pub active_mask: u64,
+    /// Bumped by every call-begin and call-end; events carry it so userspace
+    /// knows exactly which calls were in flight when the kernel decided.
+    pub epoch: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Operation kinds in rule keys and events.
+pub mod op {
+    pub const CONNECT: u32 = 1;
+    pub const SENDMSG: u32 = 2;
+    pub const BIND: u32 = 3;
+    pub const SOCK_CREATE: u32 = 4;
+    pub const UNIX_CONNECT: u32 = 5;
+    pub const EXEC: u32 = 6;
+    pub const EXIT: u32 = 7;
+    pub const OPEN: u32 = 8;
+}
+
+/// Rule key kind: what an address rule grants.
+pub mod rule_kind {
+    /// connect / sendmsg destination
+    pub const CONNECT: u32 = 1;
+    /// local address of bind
+    pub const BIND: u32 = 2;
+}
+
+/// LPM key data for IPv4 rules. The LPM prefix length covers `policy_id`
+/// and `kind` fully (64 bits) plus the CIDR length of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net4Key {
+    /// Big-endian policy id, so the prefix bits compare in order.
+    pub policy_id: [u8; 4],
+    pub kind: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net6Key {
+    pub policy_id: [u8; 4],
+    pub kind: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Bits of `Net*Key` before the address: policy id + kind.
+pub const NET_KEY_FIXED_BITS: u32 = 64;
+
+/// One port range and the rule sets (server bit, tool bits) that grant it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    /// Inclusive range, host byte order. 0..=65535 is "any port".
+    pub lo: u16,
+    pub hi: u16,
+    pub _pad: u32,
+    pub mask: u64,
+}
+
+pub const MAX_PORT_RULES: usize = 16;
+
+/// LPM value: every port rule that covers this prefix, including those of
+/// every shorter prefix that contains it (the compiler folds them in, since
+/// an LPM lookup returns only the longest match).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRule {
+    pub count: u32,
+    pub _pad: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+impl NetRule {
+    /// Does any rule grant `port` to a holder of `active_mask`?
+    #[inline(always)]
+    pub fn allows(&self, port: u16, active_mask: u64) -> bool {
+        let mut i = 0;
+        while i < MAX_PORT_RULES {
+            if i as u32 >= self.count {
+                break;
+            }
+            let r = &self.rules[i];
+            if r.mask & active_mask != 0 && r.lo <= port && port <= r.hi {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Unix socket paths: LPM over (policy id, path bytes). Abstract names are
+/// stored with their leading NUL as '@'.
+pub const UNIX_PATH_MAX: usize = 108;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixKey {
+    pub policy_id: [u8; 4],
+    pub path: [u8; UNIX_PATH_MAX],
+}
+
+impl Default for UnixKey {
+    fn default() -> Self {
+        Self {
+            policy_id: [0; 4],
+            path: [0; UNIX_PATH_MAX],
+        }
+    }
+}
+
+/// Value for path rules: which rule sets grant it, and whether the entry is
+/// a subtree (`/dir/**`) or an exact path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathRule {
+    pub mask: u64,
+    /// 1: subtree rule, 0: exact.
+    pub subtree: u32,
+    /// Length in bytes of the rule's path (exact rules match only this length).
+    pub len: u32,
+}
+
+/// Event kinds (ring buffer `Event::kind`) and stats indices.
+pub mod kind {
+    pub const NET: u32 = 1;
+    pub const FILE: u32 = 2;
+    pub const EXEC: u32 = 3;
+    pub const PROC: u32 = 4;
+    /// Number of stats slots (index = kind).
+    pub const COUNT: u32 = 5;
+}
+
+/// Decision carried in events.
+pub mod decision {
+    pub const ALLOW: u32 = 0;
+    pub const DENY: u32 = 1;
+    pub const AUDIT: u32 = 2;
+}
+
+pub const COMM_LEN: usize = 16;
+pub const EVENT_PATH_LEN: usize = 256;
+
+/// One record in the ring buffer. Fixed size: the kernel reserves exactly
+/// this, so an event is either delivered whole or counted as lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub op: u32,
+    pub decision: u32,
+    pub instance_id: u32,
+    pub cgroup_id: u64,
+    pub epoch: u64,
+    pub active_mask: u64,
+    pub ktime_ns: u64,
+    /// Process id (tgid), not the thread id.
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// AF_INET / AF_INET6 / AF_UNIX for net events.
+    pub family: u32,
+    /// SOCK_STREAM / SOCK_DGRAM / SOCK_RAW ...
+    pub sock_type: u32,
+    pub protocol: u32,
+    /// Host byte order.
+    pub port: u32,
+    /// errno returned to the process (0 when allowed).
+    pub errno: u32,
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    /// NUL-terminated path (unix socket, file, exec), or empty.
+    pub path: [u8; EVENT_PATH_LEN],
+}
+
+impl Default for Event {
+    fn default() -> Self {
+        Self {
+            kind: 0,
+            op: 0,
+            decision: 0,
+            instance_id: 0,
+            cgroup_id: 0,
+            epoch: 0,
+            active_mask: 0,
+            ktime_ns: 0,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            family: 0,
+            sock_type: 0,
+            protocol: 0,
+            port: 0,
+            errno: 0,
+            addr: [0; 16],
+            comm: [0; COMM_LEN],
+            path: [0; EVENT_PATH_LEN],
+        }
+    }
+}
+
+/// Key of the per-instance syscall counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SyscallKey {
+    pub cgroup_id: u64,
+    pub nr: u32,
+    pub _pad: u32,
+}
+
+// Layout checks: a change here must be a deliberate change on both sides.
+const _: () = assert!(core::mem::size_of::<InstanceState>() == 32);
+const _: () = assert!(core::mem::size_of::<Net4Key>() == 12);
+const _: () = assert!(core::mem::size_of::<Net6Key>() == 24);
+const _: () = assert!(core::mem::size_of::<PortRule>() == 16);
+const _: () = assert!(core::mem::size_of::<NetRule>() == 8 + 16 * MAX_PORT_RULES);
+const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
+const _: () = assert!(core::mem::size_of::<PathRule>() == 16);
+const _: () = assert!(core::mem::size_of::<Event>() == 80 + 16 + COMM_LEN + EVENT_PATH_LEN);
+const _: () = assert!(core::mem::size_of::<SyscallKey>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no padding or
+    // invalid bit patterns (asserted sizes above).
+    unsafe impl aya::Pod for InstanceState {}
+    unsafe impl aya::Pod for Net4Key {}
+    unsafe impl aya::Pod for Net6Key {}
+    unsafe impl aya::Pod for NetRule {}
+    unsafe impl aya::Pod for UnixKey {}
+    unsafe impl aya::Pod for PathRule {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for SyscallKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_rule_masks() {
+        let mut r = NetRule::default();
+        r.rules[0] = PortRule {
+            lo: 443,
+            hi: 443,
+            _pad: 0,
+            mask: SERVER_BIT,
+        };
+        r.rules[1] = PortRule {
+            lo: 80,
+            hi: 80,
+            _pad: 0,
+            mask: 1 << 3,
+        };
+        r.count = 2;
+        assert!(r.allows(443, SERVER_BIT));
+        assert!(!r.allows(80, SERVER_BIT));
+        assert!(r.allows(80, SERVER_BIT | 1 << 3));
+        assert!(!r.allows(8080, u64::MAX));
+    }
+}

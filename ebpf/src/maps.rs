@@ -1,0 +1,37 @@
+//! Maps shared by every program. Names come from `mcp_warden_common::maps`.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use mcp_warden_common::{kind, InstanceState, Net4Key, Net6Key, NetRule, UnixKey, PathRule};
+
+/// Confined cgroups: cgroup id -> instance state. Written only by the agent.
+#[map(name = "mw_instances")]
+pub static INSTANCES: HashMap<u64, InstanceState> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "mw_net4")]
+pub static NET4_RULES: LpmTrie<Net4Key, NetRule> = LpmTrie::with_max_entries(65536, 0);
+
+#[map(name = "mw_net6")]
+pub static NET6_RULES: LpmTrie<Net6Key, NetRule> = LpmTrie::with_max_entries(65536, 0);
+
+#[map(name = "mw_unix")]
+pub static UNIX_RULES: LpmTrie<UnixKey, PathRule> = LpmTrie::with_max_entries(16384, 0);
+
+/// 8 MiB: about 22k events of 368 bytes before the first loss.
+#[map(name = "mw_events")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Events the kernel could not deliver, per kind (index = `kind::*`).
+#[map(name = "mw_stats")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
+
+/// Look up the current task's instance, if its cgroup is confined.
+#[inline(always)]
+pub fn current_instance() -> Option<(u64, InstanceState)> {
+    // SAFETY: helper with no arguments.
+    let cg = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    // SAFETY: the value is a plain Copy struct owned by the map; copied out.
+    let st = unsafe { INSTANCES.get(&cg) }?;
+    Some((cg, *st))
+}
