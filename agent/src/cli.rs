@@ -1,6 +1,69 @@
-//! Command line (contract in shared/design.md).
-use std::process::ExitCode;
+//! Command line (contract: shared/design.md, "CLI").
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcp-warden",
+    version,
+    about = "Confine local MCP servers in the kernel, per tool call"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run an MCP server confined by a policy, relaying its stdio.
+    Run(RunCmd),
+    /// Validate policy files; every error as file:line:col.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show a confined MCP server trying to exfiltrate, and the denial.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+struct RunCmd {
+    /// Policy file (TOML, policy v1).
+    #[arg(long, conflicts_with = "server", required_unless_present = "server")]
+    policy: Option<PathBuf>,
+    /// Policy by server name, from /etc/mcp-warden/policies (agent service).
+    #[arg(long)]
+    server: Option<String>,
+    /// Also write the events of this server to FILE (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// The server command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<OsString>,
+}
 
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    init_logging();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(r) => crate::run::main(crate::run::RunArgs {
+            policy: r.policy,
+            server: r.server,
+            events: r.events,
+            cmd: r.cmd,
+        }),
+        Cmd::Check { files } => crate::policy::check_main(&files),
+        Cmd::Demo => crate::demo::main(),
+    };
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
+
+/// Logs go to stderr: stdout is the MCP channel under `run`.
+fn init_logging() {
+    let env = env_logger::Env::default().filter_or("MCP_WARDEN_LOG", "info");
+    env_logger::Builder::from_env(env)
+        .target(env_logger::Target::Stderr)
+        .format_target(false)
+        .init();
 }

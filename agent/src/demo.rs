@@ -1,1 +1,4 @@
 //! demo (in progress)
+pub fn main() -> i32 {
+    2
+}

@@ -10,8 +10,11 @@
 pub mod cli;
 pub mod confine;
 pub mod demo;
+pub mod dns;
 pub mod events;
+pub mod host;
 pub mod kernel;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod run;

@@ -1,1 +1,219 @@
-//! run (in progress)
+//! `mcp-warden run`: confine one MCP server and relay its stdio.
+//!
+//! Standalone (root, no agent reachable): the agent core runs in-process
+//! ([`crate::host::Host`]) for this one server.
+use std::{ffi::OsString, path::PathBuf, sync::Arc};
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    events::{sink::JsonLinesFile, sink::StderrDenials, InstanceInfo, Sinks},
+    host::{Host, HostError, Instance},
+    policy::{self, Policy},
+};
+
+/// Default audit trail of the standalone agent (the daemon's log path).
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/mcp-warden/audit.jsonl";
+
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub policy: Option<PathBuf>,
+    pub server: Option<String>,
+    pub events: Option<PathBuf>,
+    pub cmd: Vec<OsString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("{0}")]
+    Host(#[from] HostError),
+    #[error(
+        "no mcp-warden agent is reachable and standalone mode needs root: \
+         run `sudo mcp-warden run ...` or start the agent service"
+    )]
+    NeedRoot,
+    #[error("--server NAME needs the agent service (policies in /etc/mcp-warden/policies)")]
+    ServerNeedsAgent,
+    #[error("opening event log {path}: {source}")]
+    EventLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("looking up the account of uid {0}: {1}")]
+    Account(u32, String),
+    #[error("relay: {0}")]
+    Relay(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Exit status when mcp-warden itself could not run the server.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+
+pub fn main(args: RunArgs) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcp-warden: starting the runtime: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    let code = match rt.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mcp-warden: {}", error_chain(&e));
+            EXIT_SETUP_FAILED
+        }
+    };
+    // The stdin reader may sit in a blocking read(2) forever: don't wait.
+    rt.shutdown_background();
+    code
+}
+
+/// Identity fields every event carries.
+pub fn instance_info(policy: &Policy) -> InstanceInfo {
+    let uid = nix::unistd::getuid().as_raw();
+    let user = nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    InstanceInfo {
+        server: policy.server.clone(),
+        instance: String::new(),
+        policy_source: policy.source.clone(),
+        backend: String::new(),
+        uid,
+        user,
+        host,
+    }
+}
+
+pub fn load_policy(path: &std::path::Path) -> Result<Policy, RunError> {
+    let uid = nix::unistd::getuid().as_raw();
+    let vars = policy::Vars::for_uid(uid).map_err(|e| RunError::Account(uid, e.to_string()))?;
+    Ok(policy::load(path, &vars)?)
+}
+
+/// Sinks of the standalone agent: its audit log (when writable), the
+/// `--events` file, and denials on stderr.
+pub fn standalone_sinks(events: Option<&PathBuf>) -> Result<Sinks, RunError> {
+    let mut sinks = Sinks::default();
+    match JsonLinesFile::open(std::path::Path::new(DEFAULT_AUDIT_LOG)) {
+        Ok(f) => sinks.push(Box::new(f)),
+        Err(e) => log::warn!("audit log {DEFAULT_AUDIT_LOG} not writable: {e}"),
+    }
+    if let Some(p) = events {
+        let f = JsonLinesFile::open(p).map_err(|source| RunError::EventLog {
+            path: p.clone(),
+            source,
+        })?;
+        sinks.push(Box::new(f));
+    }
+    sinks.push(Box::new(StderrDenials));
+    Ok(sinks)
+}
+
+async fn run(args: RunArgs) -> Result<i32, RunError> {
+    let Some(policy_path) = &args.policy else {
+        return Err(RunError::ServerNeedsAgent);
+    };
+    let policy = Arc::new(load_policy(policy_path)?);
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RunError::NeedRoot);
+    }
+    let sinks = standalone_sinks(args.events.as_ref())?;
+    let host = Host::start(sinks)?;
+    let inst = host
+        .launch(policy.clone(), &args.cmd, instance_info(&policy))
+        .await?;
+    let code = serve_stdio(&host, inst).await?;
+    host.shutdown().await?;
+    Ok(code)
+}
+
+/// Relay our stdio to the server until it exits (or we are signalled),
+/// then tear the instance down. Returns the exit status to report.
+async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
+    let (Some(child_in), Some(child_out)) = (inst.child.stdin.take(), inst.child.stdout.take())
+    else {
+        return Err(RunError::Relay("child stdio not piped".into()));
+    };
+    let session = inst.session.clone();
+    let relay = tokio::spawn(crate::relay::relay_stdio(
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        child_in,
+        child_out,
+        session,
+    ));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let code = loop {
+        tokio::select! {
+            st = inst.child.wait() => {
+                let st = st?;
+                break exit_code(st);
+            }
+            _ = sigint.recv() => {
+                inst.session.kill_tree("SIGINT");
+                let _ = inst.child.wait().await;
+                break 130;
+            }
+            _ = sigterm.recv() => {
+                inst.session.kill_tree("SIGTERM");
+                let _ = inst.child.wait().await;
+                break 143;
+            }
+            _ = sighup.recv() => {
+                host.reopen_logs();
+            }
+        }
+    };
+    // The server is gone: end what is left of its tree, then let the relay
+    // flush what the server wrote before it exited.
+    host.finish(inst, code).await?;
+    match tokio::time::timeout(std::time::Duration::from_secs(5), relay).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(e))) => log::warn!("relay: {e}"),
+        Ok(Err(e)) => log::warn!("relay task: {e}"),
+        Err(_) => log::warn!("relay did not finish within 5 s after the server exited"),
+    }
+    Ok(code)
+}
+
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    }
+}
+
+/// "error: cause: cause" for the terminal.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use mcp_warden_common::{kind, InstanceState, Net4Key, Net6Key, NetRule, UnixKey, PathRule};
+use mcp_warden_common::{kind, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey};
 
 /// Confined cgroups: cgroup id -> instance state. Written only by the agent.
 #[map(name = "mw_instances")]

@@ -47,7 +47,13 @@ fn v4_allowed(policy_id: u32, kind: u32, addr: [u8; 4], port: u16, mask: u64) ->
 fn v6_allowed(policy_id: u32, kind: u32, addr: [u8; 16], port: u16, mask: u64) -> bool {
     // An IPv4-mapped address (::ffff:a.b.c.d) is judged as IPv4.
     if addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff {
-        return v4_allowed(policy_id, kind, [addr[12], addr[13], addr[14], addr[15]], port, mask);
+        return v4_allowed(
+            policy_id,
+            kind,
+            [addr[12], addr[13], addr[14], addr[15]],
+            port,
+            mask,
+        );
     }
     let key = Key::new(
         NET_KEY_FIXED_BITS + 128,
@@ -125,7 +131,12 @@ fn check6(ctx: &SockAddrContext, operation: u32, kind: u32) -> i32 {
     let (w, port) = unsafe {
         let sa = &*ctx.sock_addr;
         (
-            [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]],
+            [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ],
             sa.user_port,
         )
     };

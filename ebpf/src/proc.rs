@@ -21,10 +21,8 @@ pub fn mw_sched_exec(ctx: TracePointContext) -> u32 {
             // SAFETY: reading kernel memory of the tracepoint record with the
             // checked helper; a failure leaves the path empty.
             unsafe {
-                let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
-                    base.add(off),
-                    &mut e.path,
-                );
+                let _ =
+                    aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(base.add(off), &mut e.path);
             }
         }
     });

@@ -1,1 +1,217 @@
-//! Helpers shared by the end-to-end suites.
+//! Helpers shared by the privileged end-to-end suites: temp dirs that clean
+//! up, the paths of the built binaries, a runner for `mcp-warden run` that
+//! returns the server's output, exit status and the audit events.
+//!
+//! Tests panic with context (no `Result` returns), for the stack trace.
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use serde_json::Value;
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mw-e2e-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// target/<profile>/ of the running test binary (which is in .../deps/).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary has a parent");
+    deps.parent().expect("deps has a parent").to_path_buf()
+}
+
+/// The mcp-warden binary built alongside the tests.
+pub fn warden() -> PathBuf {
+    let p = target_dir().join("mcp-warden");
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p mcp-warden` first (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// Must run as root: these tests load eBPF programs. Not a skip: a failure.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end suite loads eBPF programs and must run as root"
+    );
+}
+
+/// Read paths every dynamically linked test binary needs, plus `extra`.
+pub fn base_read_rules(extra: &[&str]) -> String {
+    let mut v: Vec<String> = [
+        "/usr/**",
+        "/lib/**",
+        "/lib64/**",
+        "/etc/ld.so.cache",
+        "/etc/hosts",
+        "/etc/nsswitch.conf",
+        "/etc/resolv.conf",
+        "/proc/**",
+        "/dev/null",
+        "/dev/urandom",
+        "/sys/devices/system/cpu/**",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("{}/**", target_dir().display()));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    let quoted: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+    format!("read = [{}]", quoted.join(", "))
+}
+
+/// The result of one confined run.
+#[derive(Debug)]
+pub struct Run {
+    /// pid of the `mcp-warden run` process (it names the instance cgroup).
+    pub warden_pid: u32,
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub events: Vec<Value>,
+}
+
+impl Run {
+    /// stdout lines (the probe prints one per operation).
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.stdout)
+            .lines()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// Events matching every (key, value) pair.
+    pub fn events_where(&self, pairs: &[(&str, Value)]) -> Vec<&Value> {
+        self.events
+            .iter()
+            .filter(|e| pairs.iter().all(|(k, v)| e.get(*k) == Some(v)))
+            .collect()
+    }
+}
+
+/// A policy file plus the event file of one scenario.
+pub struct Scenario {
+    pub dir: TempDir,
+    pub policy: PathBuf,
+    pub events: PathBuf,
+}
+
+impl Scenario {
+    pub fn new(tag: &str, policy_toml: &str) -> Self {
+        require_root();
+        let dir = TempDir::new(tag);
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, policy_toml).expect("write policy");
+        let events = dir.path().join("events.jsonl");
+        Self {
+            dir,
+            policy,
+            events,
+        }
+    }
+
+    pub fn command(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new(warden());
+        c.arg("run")
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--events")
+            .arg(&self.events)
+            .arg("--")
+            .args(cmd);
+        c
+    }
+
+    /// Run `cmd` confined, feeding `stdin`, and collect everything.
+    pub fn run(&self, cmd: &[&str], stdin: &[u8]) -> Run {
+        let mut child = self
+            .command(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mcp-warden");
+        let mut sin = child.stdin.take().expect("stdin");
+        let input = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = sin.write_all(&input);
+        });
+        let warden_pid = child.id();
+        let out: Output = child.wait_with_output().expect("wait mcp-warden");
+        let _ = writer.join();
+        self.collect(warden_pid, out)
+    }
+
+    pub fn collect(&self, warden_pid: u32, out: Output) -> Run {
+        let events = read_events(&self.events);
+        Run {
+            warden_pid,
+            status: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            events,
+        }
+    }
+}
+
+pub fn read_events(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}")))
+        .collect()
+}
+
+/// No instance cgroup of the `mcp-warden run` process `warden_pid` is left.
+pub fn assert_no_leftover_cgroups(warden_pid: u32) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mount = info
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .expect("cgroup2 mount");
+    let parent = mount.join("mcp-warden");
+    if let Ok(rd) = std::fs::read_dir(&parent) {
+        let left: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(&format!("-{warden_pid}-")))
+            .collect();
+        assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    }
+}

@@ -1,1 +1,379 @@
-//! kernel (in progress)
+//! The kernel side: load the embedded eBPF object, attach programs to an
+//! instance's cgroup, and keep the maps (instances, rules) in step with the
+//! sessions. Every failure here is an error the caller must surface: an
+//! enforcement hook that did not attach is never silently skipped.
+use std::{collections::BTreeMap, os::fd::AsFd};
+
+use aya::{
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::{FdLink, LinkError},
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use mcp_warden_common::{
+    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey,
+};
+
+use crate::policy::compile::CompiledNet;
+
+/// The eBPF object built by agent/build.rs. Empty when the agent was built
+/// without bpf-linker.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcp-warden"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this mcp-warden binary was built without its kernel programs (bpf-linker was missing \
+         at build time); run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("mounting tracefs at /sys/kernel/tracing: {0}")]
+    Tracefs(std::io::Error),
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
+    move |source| KernelError::Program { name, source }
+}
+
+/// The cgroup socket-address hooks attached to every instance cgroup.
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
+    programs::BIND4,
+    programs::BIND6,
+];
+
+/// What an instance's cgroup has attached. Dropping it detaches everything.
+#[derive(Debug)]
+pub struct CgroupLinks {
+    links: Vec<(&'static str, FdLink)>,
+}
+
+impl CgroupLinks {
+    /// Names of the attached hooks, for `status` and the log.
+    pub fn hooks(&self) -> Vec<&'static str> {
+        self.links.iter().map(|(n, _)| *n).collect()
+    }
+}
+
+/// Which enforcement hooks this kernel gives us (metric
+/// `mcp_warden_enforcement_available{hook}`).
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    pub hooks: BTreeMap<&'static str, bool>,
+}
+
+pub struct Kernel {
+    ebpf: Ebpf,
+    instances: HashMap<MapData, u64, InstanceState>,
+    net4: LpmTrie<MapData, Net4Key, NetRule>,
+    net6: LpmTrie<MapData, Net6Key, NetRule>,
+    unix: LpmTrie<MapData, UnixKey, PathRule>,
+    stats: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    _tracepoints: Vec<FdLink>,
+    caps: Capabilities,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("caps", &self.caps).finish()
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use
+/// memory cgroup accounting. Raise it where we can; where we cannot (no
+/// CAP_SYS_RESOURCE), map creation itself fails loudly if it mattered.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        log::debug!(
+            "raising RLIMIT_MEMLOCK: {} (not needed on Linux 5.11+)",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Tracepoint attachment needs tracefs; mount it where the kernel expects
+/// it if nothing is mounted there yet (minimal hosts and VMs).
+fn ensure_tracefs() -> Result<(), KernelError> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| s.lines().any(|l| l.contains(" - tracefs ")))
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    let target = std::path::Path::new("/sys/kernel/tracing");
+    nix::mount::mount(
+        Some("tracefs"),
+        target,
+        Some("tracefs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| KernelError::Tracefs(std::io::Error::from(e)))
+}
+
+impl Kernel {
+    /// Load every program and map. Tracepoints are attached here (they
+    /// filter on the confined cgroups themselves); cgroup hooks are attached
+    /// per instance by [`Kernel::attach_cgroup`].
+    pub fn load() -> Result<Self, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        let mut caps = Capabilities::default();
+        for name in SOCK_ADDR_PROGRAMS {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            caps.hooks.insert(name, true);
+        }
+        {
+            let name = programs::SOCK_CREATE;
+            let p: &mut CgroupSock = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            caps.hooks.insert(name, true);
+        }
+        ensure_tracefs()?;
+        let mut tracepoints = Vec::new();
+        for (name, cat, tp) in [
+            (programs::SCHED_EXEC, "sched", "sched_process_exec"),
+            (programs::SCHED_EXIT, "sched", "sched_process_exit"),
+        ] {
+            let p: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let id = p.attach(cat, tp).map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            tracepoints.push(FdLink::try_from(link)?);
+            caps.hooks.insert(name, true);
+        }
+        let instances = HashMap::try_from(
+            ebpf.take_map(maps::INSTANCES)
+                .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
+        )
+        .map_err(map_err(maps::INSTANCES))?;
+        let net4 = LpmTrie::try_from(
+            ebpf.take_map(maps::NET4_RULES)
+                .ok_or(KernelError::MissingMap(maps::NET4_RULES))?,
+        )
+        .map_err(map_err(maps::NET4_RULES))?;
+        let net6 = LpmTrie::try_from(
+            ebpf.take_map(maps::NET6_RULES)
+                .ok_or(KernelError::MissingMap(maps::NET6_RULES))?,
+        )
+        .map_err(map_err(maps::NET6_RULES))?;
+        let unix = LpmTrie::try_from(
+            ebpf.take_map(maps::UNIX_RULES)
+                .ok_or(KernelError::MissingMap(maps::UNIX_RULES))?,
+        )
+        .map_err(map_err(maps::UNIX_RULES))?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map(maps::STATS)
+                .ok_or(KernelError::MissingMap(maps::STATS))?,
+        )
+        .map_err(map_err(maps::STATS))?;
+        let events = RingBuf::try_from(
+            ebpf.take_map(maps::EVENTS)
+                .ok_or(KernelError::MissingMap(maps::EVENTS))?,
+        )
+        .map_err(map_err(maps::EVENTS))?;
+        Ok(Self {
+            ebpf,
+            instances,
+            net4,
+            net6,
+            unix,
+            stats,
+            events: Some(events),
+            _tracepoints: tracepoints,
+            caps,
+        })
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The event ring buffer; taken once by the event reader.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Attach every cgroup hook to `cgroup` (an open directory fd). These are
+    /// bpf_links, which the kernel always runs alongside other programs on
+    /// the cgroup (link attach takes no ALLOW_MULTI flag; `Single` passes 0). The
+    /// instance state must already be in the map: the hooks fail closed.
+    pub fn attach_cgroup<F: AsFd>(&mut self, cgroup: &F) -> Result<CgroupLinks, KernelError> {
+        let mut links = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS {
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let id = p
+                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            links.push((name, FdLink::try_from(link)?));
+        }
+        let name = programs::SOCK_CREATE;
+        let p: &mut CgroupSock = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let id = p
+            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        links.push((name, FdLink::try_from(link)?));
+        Ok(CgroupLinks { links })
+    }
+
+    /// Insert or replace an instance's state (atomic for the programs).
+    pub fn set_instance(&mut self, cgroup_id: u64, st: &InstanceState) -> Result<(), KernelError> {
+        self.instances
+            .insert(cgroup_id, st, 0)
+            .map_err(map_err(maps::INSTANCES))
+    }
+
+    pub fn remove_instance(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.instances.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::INSTANCES)(e)),
+        }
+    }
+
+    /// Install compiled network rules. Entries present in `old` but not in
+    /// `new` are removed afterwards, so a refresh never opens a gap.
+    pub fn install_net(
+        &mut self,
+        new: &CompiledNet,
+        old: Option<&CompiledNet>,
+    ) -> Result<(), KernelError> {
+        for (plen, k, v) in &new.v4 {
+            self.net4
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::NET4_RULES))?;
+        }
+        for (plen, k, v) in &new.v6 {
+            self.net6
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::NET6_RULES))?;
+        }
+        for (plen, k, v) in &new.unix {
+            self.unix
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::UNIX_RULES))?;
+        }
+        if let Some(old) = old {
+            for (plen, k, _) in &old.v4 {
+                if !new.v4.iter().any(|(p, n, _)| p == plen && n == k) {
+                    ignore_missing(self.net4.remove(&Key::new(*plen, *k)))
+                        .map_err(map_err(maps::NET4_RULES))?;
+                }
+            }
+            for (plen, k, _) in &old.v6 {
+                if !new.v6.iter().any(|(p, n, _)| p == plen && n == k) {
+                    ignore_missing(self.net6.remove(&Key::new(*plen, *k)))
+                        .map_err(map_err(maps::NET6_RULES))?;
+                }
+            }
+            for (plen, k, _) in &old.unix {
+                if !new.unix.iter().any(|(p, n, _)| p == plen && n == k) {
+                    ignore_missing(self.unix.remove(&Key::new(*plen, *k)))
+                        .map_err(map_err(maps::UNIX_RULES))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every entry of `net`.
+    pub fn remove_net(&mut self, net: &CompiledNet) -> Result<(), KernelError> {
+        for (plen, k, _) in &net.v4 {
+            ignore_missing(self.net4.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::NET4_RULES))?;
+        }
+        for (plen, k, _) in &net.v6 {
+            ignore_missing(self.net6.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::NET6_RULES))?;
+        }
+        for (plen, k, _) in &net.unix {
+            ignore_missing(self.unix.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::UNIX_RULES))?;
+        }
+        Ok(())
+    }
+
+    /// Events the kernel could not deliver, per kind index, summed over CPUs.
+    pub fn lost(&self) -> Result<[u64; kind::COUNT as usize], KernelError> {
+        let mut out = [0u64; kind::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(maps::STATS))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
