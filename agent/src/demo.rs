@@ -1,4 +1,0 @@
-//! demo (in progress)
-pub fn main() -> i32 {
-    2
-}
