@@ -15,7 +15,10 @@ pub enum OnViolation {
     Kill,
 }
 
-/// `/dir/**` (subtree) or an exact path.
+/// `/dir/**` (subtree) or an exact path. Paths are absolute and normalised
+/// (no empty, `.` or `..` components, no trailing `/`); the root subtree
+/// `/**` is `Subtree("/")`. Unix socket rules may also be an abstract name,
+/// `Exact("@name")`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PathRule {
     Exact(String),
@@ -28,6 +31,21 @@ impl PathRule {
         match self {
             PathRule::Exact(p) | PathRule::Subtree(p) => p,
         }
+    }
+
+    /// The bytes a matching path starts with: the path itself for an exact
+    /// rule, the path and a `/` for a subtree (`/` for the root subtree),
+    /// so `/run/pg/**` does not match `/run/pgx`.
+    pub fn prefix(&self) -> String {
+        match self {
+            PathRule::Exact(p) => p.clone(),
+            PathRule::Subtree(p) if p == "/" => "/".to_string(),
+            PathRule::Subtree(p) => format!("{p}/"),
+        }
+    }
+
+    pub fn is_subtree(&self) -> bool {
+        matches!(self, PathRule::Subtree(_))
     }
 }
 
@@ -104,12 +122,14 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Bit of `tool` in kernel rule masks, if it has rules of its own.
+    /// Bit of `tool` in kernel rule masks, if it has rules of its own (and
+    /// is among the first 63, which `parse` guarantees).
     pub fn tool_bit(&self, tool: &str) -> Option<u64> {
         self.tools
             .iter()
             .position(|t| t.name == tool)
-            .map(|i| 1u64 << (i + 1))
+            .and_then(|i| u32::try_from(i + 1).ok())
+            .and_then(|shift| 1u64.checked_shl(shift))
     }
 
     /// May `tool` be called at all?
@@ -120,4 +140,3 @@ impl Policy {
         }
     }
 }
-
