@@ -75,7 +75,10 @@ mod tests {
             uid: 1,
         };
         let (mut o, mut e) = (Vec::new(), Vec::new());
-        assert_eq!(check_with(std::slice::from_ref(&good), &vars, &mut o, &mut e), 0);
+        assert_eq!(
+            check_with(std::slice::from_ref(&good), &vars, &mut o, &mut e),
+            0
+        );
         assert_eq!(
             String::from_utf8(o).unwrap(),
             format!("{}: ok\n", good.display())
