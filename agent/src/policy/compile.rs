@@ -66,7 +66,7 @@ fn rule_sets(policy: &Policy) -> Result<Vec<(&Rules, u64)>, CompileError> {
 
 /// IPv4-mapped IPv6 networks (`::ffff:a.b.c.d/96+n`) are stored as IPv4:
 /// the kernel judges a mapped destination as IPv4.
-fn unmap(net: IpNet) -> IpNet {
+pub(crate) fn unmap(net: IpNet) -> IpNet {
     if let IpNet::V6(n) = net {
         if n.prefix_len() >= 96 {
             if let Some(v4) = n.network().to_ipv4_mapped() {
@@ -539,11 +539,26 @@ connect = ["[::ffff:10.0.0.0/104]:443", "[::ffff:192.0.2.1]:*", "[::1]:22", "[::
         );
     }
 
+    /// A policy with `connect` rules `(net, port)` for the server. Built by
+    /// hand: `parse` itself refuses policies that overflow an entry.
+    fn with_ports(rules: &[(&str, u16)]) -> Policy {
+        let mut p = pol("");
+        for (net, port) in rules {
+            p.rules.network.connect.push(AddrRule {
+                host: Host::Net(net.parse().unwrap()),
+                ports: PortRange {
+                    lo: *port,
+                    hi: *port,
+                },
+            });
+        }
+        p
+    }
+
     #[test]
     fn too_many_ports() {
-        let ports: Vec<String> = (1..=17).map(|p| format!("\"127.0.0.2:{p}\"")).collect();
-        let p = pol(&format!("[network]\nconnect = [{}]\n", ports.join(", ")));
-        let e = compile_net(&p, 1, &no_dns()).unwrap_err();
+        let rules: Vec<(&str, u16)> = (1..=17).map(|p| ("127.0.0.2/32", p)).collect();
+        let e = compile_net(&with_ports(&rules), 1, &no_dns()).unwrap_err();
         assert_eq!(
             e,
             CompileError::TooManyPortRules {
@@ -555,25 +570,36 @@ connect = ["[::ffff:10.0.0.0/104]:443", "[::ffff:192.0.2.1]:*", "[::1]:22", "[::
         );
         assert!(e.to_string().contains("127.0.0.2/32"), "{e}");
         // 16 fit.
-        let p = pol(&format!(
-            "[network]\nconnect = [{}]\n",
-            ports[..16].join(", ")
-        ));
-        assert_eq!(compile_net(&p, 1, &no_dns()).unwrap().v4[0].2.count, 16);
+        let c = compile_net(&with_ports(&rules[..16]), 1, &no_dns()).unwrap();
+        assert_eq!(c.v4[0].2.count, 16);
         // Folding can overflow an entry whose own rules fit.
-        let outer: Vec<String> = (1..=10).map(|p| format!("\"10.0.0.0/8:{p}\"")).collect();
-        let inner: Vec<String> = (11..=17).map(|p| format!("\"10.9.9.9:{p}\"")).collect();
-        let p = pol(&format!(
-            "[network]\nconnect = [{}, {}]\n",
-            outer.join(", "),
-            inner.join(", ")
-        ));
-        match compile_net(&p, 1, &no_dns()) {
+        let mut rules: Vec<(&str, u16)> = (1..=10).map(|p| ("10.0.0.0/8", p)).collect();
+        rules.extend((11..=17).map(|p| ("10.9.9.9/32", p)));
+        match compile_net(&with_ports(&rules), 1, &no_dns()) {
             Err(CompileError::TooManyPortRules { addr, count, .. }) => {
                 assert_eq!((addr.as_str(), count), ("10.9.9.9/32", 17));
             }
             other => panic!("{other:?}"),
         }
+        // DNS resolutions can overflow too: each address gets the name's
+        // ports on top of the networks containing it.
+        let mut p = with_ports(&rules[..10]);
+        for port in 11..=17 {
+            p.rules.network.connect.push(AddrRule {
+                host: Host::Name("many.example".into()),
+                ports: PortRange { lo: port, hi: port },
+            });
+        }
+        let mut dns = HashMap::new();
+        dns.insert(
+            "many.example".to_string(),
+            vec!["10.1.1.1".parse().unwrap()],
+        );
+        assert!(compile_net(&p, 1, &no_dns()).is_ok());
+        assert!(matches!(
+            compile_net(&p, 1, &dns),
+            Err(CompileError::TooManyPortRules { .. })
+        ));
     }
 
     #[test]
