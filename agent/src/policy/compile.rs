@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mcp_warden_common::{
     rule_kind, Net4Key, Net6Key, NetRule, PortRule, UnixKey, MAX_PORT_RULES, MAX_TOOLS_WITH_RULES,
-    NET_KEY_FIXED_BITS, SERVER_BIT, UNIX_PATH_MAX,
+    NET_KEY_FIXED_BITS, UNIX_PATH_MAX,
 };
 
 use super::model::{AddrRule, Host, Policy, PortRange, Rules};
@@ -56,12 +56,7 @@ fn rule_sets(policy: &Policy) -> Result<Vec<(&Rules, u64)>, CompileError> {
             max: MAX_TOOLS_WITH_RULES,
         });
     }
-    let mut sets = vec![(&policy.rules, SERVER_BIT)];
-    for (i, t) in policy.tools.iter().enumerate() {
-        // i < 63 (checked above): bit i + 1 <= 63.
-        sets.push((&t.rules, 1u64 << (i + 1)));
-    }
-    Ok(sets)
+    Ok(policy.rule_sets().map(|(_, r, m)| (r, m)).collect())
 }
 
 /// IPv4-mapped IPv6 networks (`::ffff:a.b.c.d/96+n`) are stored as IPv4:
@@ -318,6 +313,7 @@ fn unix_lookup<'a>(
 mod tests {
     use super::*;
     use crate::policy::{parse, PathRule, Vars};
+    use mcp_warden_common::SERVER_BIT;
 
     fn pol(text: &str) -> Policy {
         let vars = Vars {
@@ -678,6 +674,21 @@ unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
             compile_net(&p, 1, &no_dns()),
             Err(CompileError::BadUnixPath { .. })
         ));
+    }
+
+    #[test]
+    fn rule_sets_and_dns_names() {
+        let p = pol(r#"
+[network]
+connect = ["b.example:1", "10.0.0.1:1"]
+[tools.x.network]
+bind = ["a.example:1", "b.example:2"]
+[tools.y.files]
+read = ["/y"]
+"#);
+        let sets: Vec<(Option<&str>, u64)> = p.rule_sets().map(|(n, _, m)| (n, m)).collect();
+        assert_eq!(sets, [(None, SERVER_BIT), (Some("x"), 2), (Some("y"), 4)]);
+        assert_eq!(p.dns_names(), ["a.example", "b.example"]);
     }
 
     #[test]
