@@ -6,6 +6,15 @@
 //! lookup returns only the longest matching prefix, so every entry carries
 //! the grants of every shorter entry that contains it: the compiler folds
 //! them in here, once, instead of the kernel walking parents.
+//!
+//! Known limit of the unix (and any path) trie with exact entries keyed
+//! without a terminator: an exact entry is itself a prefix of longer names.
+//! With `/run/**` for the server and `/run/a` for a tool, a connect to
+//! `/run/ab` finds `/run/a` (exact, wrong length) as the longest match and
+//! is refused although `/run/**` allows it. It fails closed. The kernel
+//! side can fix it without a format change by repeating the lookup with
+//! `prefix_len = UNIX_KEY_FIXED_BITS + 8 * entry.len - 1` when an exact
+//! entry's length does not match (this finds the next shorter entry).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 

@@ -76,20 +76,20 @@ fn type_name(item: &Item) -> &'static str {
         Item::None => "nothing",
         Item::Table(_) => "a table",
         Item::ArrayOfTables(_) => "an array of tables",
-        Item::Value(v) => match v {
-            Value::String(_) => "a string",
-            Value::Integer(_) => "an integer",
-            Value::Float(_) => "a float",
-            Value::Boolean(_) => "a boolean",
-            Value::Datetime(_) => "a datetime",
-            Value::Array(_) => "an array",
-            Value::InlineTable(_) => "an inline table",
-        },
+        Item::Value(v) => value_type_name(v),
     }
 }
 
 fn value_type_name(v: &Value) -> &'static str {
-    type_name(&Item::Value(v.clone()))
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::InlineTable(_) => "an inline table",
+    }
 }
 
 /// Every (key, item) of a table or inline table, in file order.
