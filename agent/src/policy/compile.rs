@@ -12,9 +12,11 @@
 //! With `/run/**` for the server and `/run/a` for a tool, a connect to
 //! `/run/ab` finds `/run/a` (exact, wrong length) as the longest match and
 //! is refused although `/run/**` allows it. It fails closed. The kernel
-//! side can fix it without a format change by repeating the lookup with
-//! `prefix_len = UNIX_KEY_FIXED_BITS + 8 * entry.len - 1` when an exact
-//! entry's length does not match (this finds the next shorter entry).
+//! side can fix it without a format change by repeating the lookup (a
+//! bounded number of times) with `prefix_len = UNIX_KEY_FIXED_BITS +
+//! 8 * entry.len - 1` when an exact entry's length does not match: that
+//! finds the next shorter entry, whose value already carries the subtree
+//! masks above it.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
