@@ -300,24 +300,37 @@ fn compile_unix(
 }
 
 /// The unix rule a kernel lookup would pick for `path` (test model of the
-/// LPM + exact-length check).
+/// LPM + exact-length check). With `retry`, an exact entry of the wrong
+/// length makes it look again below that entry (the fix suggested above).
 #[cfg(test)]
 fn unix_lookup<'a>(
     c: &'a [(u32, UnixKey, mcp_warden_common::PathRule)],
     policy_id: u32,
     path: &str,
+    retry: bool,
 ) -> Option<&'a mcp_warden_common::PathRule> {
-    let best = c
-        .iter()
-        .filter(|(plen, k, _)| {
-            let n = ((plen - UNIX_KEY_FIXED_BITS) / 8) as usize;
-            k.policy_id == policy_id.to_be_bytes()
-                && path.len() >= n
-                && k.path[..n] == path.as_bytes()[..n]
-        })
-        .max_by_key(|(plen, _, _)| *plen)?;
-    let v = &best.2;
-    (v.subtree == 1 || v.len as usize == path.len()).then_some(v)
+    // Whole bytes are enough here: every entry's prefix is whole bytes.
+    let mut max_plen = UNIX_KEY_FIXED_BITS + 8 * path.len() as u32;
+    loop {
+        let best = c
+            .iter()
+            .filter(|(plen, k, _)| {
+                let n = ((plen - UNIX_KEY_FIXED_BITS) / 8) as usize;
+                *plen <= max_plen
+                    && k.policy_id == policy_id.to_be_bytes()
+                    && path.len() >= n
+                    && k.path[..n] == path.as_bytes()[..n]
+            })
+            .max_by_key(|(plen, _, _)| *plen)?;
+        let v = &best.2;
+        if v.subtree == 1 || v.len as usize == path.len() {
+            return Some(v);
+        }
+        if !retry {
+            return None;
+        }
+        max_plen = best.0 - 1;
+    }
 }
 
 #[cfg(test)]
@@ -657,7 +670,7 @@ unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
             // zero padding after the path
             assert!(k.path[21..].iter().all(|b| *b == 0));
         }
-        let m = |path| unix_lookup(&c.unix, 9, path).map(|v| v.mask);
+        let m = |path| unix_lookup(&c.unix, 9, path, false).map(|v| v.mask);
         assert_eq!(m("/run/a.sock"), Some(S));
         assert_eq!(m("/run/pg/other"), Some(S | 2));
         assert_eq!(m("/run/pgx"), Some(S));
@@ -666,7 +679,22 @@ unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
         assert_eq!(m("@dbus"), Some(S | 2));
         assert_eq!(m("@dbus2"), None);
         assert_eq!(m("/var/run/x"), None);
-        assert_eq!(unix_lookup(&c.unix, 8, "/run/a"), None);
+        assert_eq!(unix_lookup(&c.unix, 8, "/run/a", false), None);
+        // The shadowing limit (module docs): `/tmp/x.sock` is exact for the
+        // tool only; with a server subtree over it, a longer name under it
+        // is refused by a single lookup and allowed by the retrying one.
+        let p =
+            pol("[network]\nunix = [\"/tmp/**\"]\n[tools.t.network]\nunix = [\"/tmp/x.sock\"]\n");
+        let c = compile_net(&p, 9, &no_dns()).unwrap();
+        assert_eq!(unix_lookup(&c.unix, 9, "/tmp/x.sock2", false), None);
+        assert_eq!(
+            unix_lookup(&c.unix, 9, "/tmp/x.sock2", true).map(|v| v.mask),
+            Some(S)
+        );
+        assert_eq!(
+            unix_lookup(&c.unix, 9, "/tmp/x.sock", true).map(|v| v.mask),
+            Some(S | 2)
+        );
     }
 
     #[test]
