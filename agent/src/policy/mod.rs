@@ -56,3 +56,61 @@ pub fn load(path: &Path, vars: &Vars) -> Result<Policy, PolicyError> {
         diagnostics,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Vars {
+        Vars {
+            home: "/home/ann".into(),
+            user: "ann".into(),
+            uid: 1000,
+        }
+    }
+
+    /// Every policy shipped in packaging/policies is valid and compiles.
+    #[test]
+    fn shipped_policies_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/policies");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let p = load(&path, &vars()).unwrap_or_else(|e| panic!("{e}"));
+            let stem = path.file_stem().unwrap().to_str().unwrap();
+            assert_eq!(p.server, stem, "{}", path.display());
+            let mut dns = std::collections::HashMap::new();
+            dns.insert(
+                "registry.npmjs.org".to_string(),
+                vec!["104.16.0.1".parse().unwrap()],
+            );
+            compile_net(&p, 1, &dns).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 3, "only {n} policies in {}", dir.display());
+    }
+
+    #[test]
+    fn load_errors() {
+        let e = load(Path::new("/nonexistent/p.toml"), &vars()).unwrap_err();
+        assert!(matches!(e, PolicyError::Read { .. }), "{e}");
+        let dir = std::env::temp_dir().join(format!("mw-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.toml");
+        std::fs::write(&f, "version = 1\nserver = \"\"\nmode = 1\n").unwrap();
+        let e = load(&f, &vars()).unwrap_err();
+        let PolicyError::Invalid { diagnostics, .. } = &e else {
+            panic!("{e}");
+        };
+        assert_eq!(diagnostics.len(), 2);
+        assert_eq!(diagnostics[0].file, f.display().to_string());
+        assert!(
+            e.to_string().contains(":3:8: `mode` must be a string"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -132,6 +132,34 @@ impl Policy {
             .and_then(|shift| 1u64.checked_shl(shift))
     }
 
+    /// Every rule set with its mask bit: the server's (`None`, `SERVER_BIT`)
+    /// first, then each tool's in file order. Tools past the 63rd (which
+    /// `parse` refuses) are left out.
+    pub fn rule_sets(&self) -> impl Iterator<Item = (Option<&str>, &Rules, u64)> {
+        std::iter::once((None, &self.rules, mcp_warden_common::SERVER_BIT)).chain(
+            self.tools
+                .iter()
+                .zip(1u32..64)
+                .map(|(t, shift)| (Some(t.name.as_str()), &t.rules, 1u64 << shift)),
+        )
+    }
+
+    /// Every DNS name in `connect` and `bind` rules (server and tools),
+    /// sorted and without duplicates: what the agent must resolve.
+    pub fn dns_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .rule_sets()
+            .flat_map(|(_, r, _)| r.network.connect.iter().chain(r.network.bind.iter()))
+            .filter_map(|a| match &a.host {
+                Host::Name(n) => Some(n.clone()),
+                Host::Net(_) => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// May `tool` be called at all?
     pub fn tool_allowed(&self, tool: &str) -> bool {
         match &self.tools_allow {

@@ -4,13 +4,17 @@
 //! every key and value); this module then walks it by hand so that it can
 //! keep going after an error and report all of them, each at the key or the
 //! value it is about.
+use std::collections::HashMap;
 use std::ops::Range;
+
+use ipnet::IpNet;
 
 use mcp_warden_common::MAX_TOOLS_WITH_RULES;
 use toml_edit::{ImDocument, Item, Key, TableLike, Value};
 
+use super::compile::{compile_net, unmap, CompileError};
 use super::diag::{Diagnostic, LineIndex};
-use super::model::{Mode, OnViolation, PathRule, Policy, Rules, ToolRules};
+use super::model::{Host, Mode, OnViolation, PathRule, Policy, Rules, ToolRules};
 use super::values::{
     check_server_name, check_tool_name, parse_addr, parse_path, PathKind, ValueError,
 };
@@ -29,6 +33,7 @@ pub fn parse(text: &str, source: &str, vars: &Vars) -> Result<Policy, Vec<Diagno
         file: source,
         vars,
         diags: Vec::new(),
+        nets: Vec::new(),
     };
     let doc = match ImDocument::parse(text) {
         Ok(d) => d,
@@ -46,6 +51,9 @@ pub fn parse(text: &str, source: &str, vars: &Vars) -> Result<Policy, Vec<Diagno
     };
     let policy = cx.root(doc.as_table(), source);
     if cx.diags.is_empty() {
+        cx.compile_check(&policy);
+    }
+    if cx.diags.is_empty() {
         Ok(policy)
     } else {
         let mut d = cx.diags;
@@ -59,6 +67,8 @@ struct Cx<'a> {
     file: &'a str,
     vars: &'a Vars,
     diags: Vec<Diagnostic>,
+    /// Every literal network of `connect`/`bind` and where it is written.
+    nets: Vec<(IpNet, Option<Range<usize>>)>,
 }
 
 fn type_name(item: &Item) -> &'static str {
@@ -66,20 +76,20 @@ fn type_name(item: &Item) -> &'static str {
         Item::None => "nothing",
         Item::Table(_) => "a table",
         Item::ArrayOfTables(_) => "an array of tables",
-        Item::Value(v) => match v {
-            Value::String(_) => "a string",
-            Value::Integer(_) => "an integer",
-            Value::Float(_) => "a float",
-            Value::Boolean(_) => "a boolean",
-            Value::Datetime(_) => "a datetime",
-            Value::Array(_) => "an array",
-            Value::InlineTable(_) => "an inline table",
-        },
+        Item::Value(v) => value_type_name(v),
     }
 }
 
 fn value_type_name(v: &Value) -> &'static str {
-    type_name(&Item::Value(v.clone()))
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::InlineTable(_) => "an inline table",
+    }
 }
 
 /// Every (key, item) of a table or inline table, in file order.
@@ -88,6 +98,27 @@ fn entries(t: &dyn TableLike) -> Vec<(&Key, &Item)> {
 }
 
 impl Cx<'_> {
+    /// What can be known of the kernel limits without DNS: compile with no
+    /// resolutions and point an overflowing entry at the rule that names
+    /// its address (or, failing that, the first network containing it).
+    fn compile_check(&mut self, policy: &Policy) {
+        let Err(e) = compile_net(policy, 0, &HashMap::new()) else {
+            return;
+        };
+        let span = match &e {
+            CompileError::TooManyPortRules { addr, .. } => {
+                addr.parse::<IpNet>().ok().and_then(|bad| {
+                    let exact = self.nets.iter().find(|(n, _)| unmap(*n) == bad);
+                    exact
+                        .or_else(|| self.nets.iter().find(|(n, _)| unmap(*n).contains(&bad)))
+                        .and_then(|(_, sp)| sp.clone())
+                })
+            }
+            _ => None,
+        };
+        self.err(span, e.to_string());
+    }
+
     fn err(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
         let (line, col) = self.li.position(span.map_or(0, |s| s.start));
         self.diags.push(Diagnostic {
@@ -319,8 +350,16 @@ impl Cx<'_> {
                     let bind = k.get() == "bind";
                     for (s, span) in self.strings(&field, k, v) {
                         match parse_addr(s, bind) {
-                            Ok(a) if bind => rules.network.bind.push(a),
-                            Ok(a) => rules.network.connect.push(a),
+                            Ok(a) => {
+                                if let Host::Net(n) = a.host {
+                                    self.nets.push((n, span.clone()));
+                                }
+                                if bind {
+                                    rules.network.bind.push(a);
+                                } else {
+                                    rules.network.connect.push(a);
+                                }
+                            }
                             Err(e) => self.value_err(span, s, e),
                         }
                     }
@@ -965,6 +1004,31 @@ connect = ["10.0.0.1:22"]
         let p = ok(&format!("{HEAD}[tools]\nallow = []\n"));
         assert_eq!(p.tools_allow, Some(vec![]));
         assert!(!p.tool_allowed("x"));
+    }
+
+    #[test]
+    fn port_rule_overflow_is_found_by_check() {
+        let ports: Vec<String> = (1..=17).map(|p| format!("\"127.0.0.2:{p}\"")).collect();
+        one(
+            &format!(
+                "[network]\nconnect = [\"10.0.0.0/8:1\",\n  {}]\n",
+                ports.join(", ")
+            ),
+            "5:3",
+            "connect rules for 127.0.0.2/32 need 17 distinct port ranges",
+        );
+        // The inner address overflows only once the /8's ranges fold in.
+        let outer: Vec<String> = (1..=10).map(|p| format!("\"10.0.0.0/8:{p}\"")).collect();
+        let inner: Vec<String> = (11..=17).map(|p| format!("\"10.9.9.9:{p}\"")).collect();
+        one(
+            &format!(
+                "[tools.t.network]\nconnect = [{}]\n[network]\nconnect = [\n{}]\n",
+                inner.join(", "),
+                outer.join(", ")
+            ),
+            "4:12",
+            "10.9.9.9/32 need 17",
+        );
     }
 
     #[test]

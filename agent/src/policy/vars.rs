@@ -31,6 +31,10 @@ impl Vars {
                         reason: "home directory is not UTF-8".to_string(),
                     })?
                     .to_string();
+                // "/home/ann/" -> "/home/ann", so "${HOME}" is never a
+                // path with a trailing '/'.
+                let trimmed = home.trim_end_matches('/');
+                let home = if trimmed.is_empty() { "/" } else { trimmed }.to_string();
                 Ok(Vars {
                     home,
                     user: u.name,
