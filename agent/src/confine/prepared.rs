@@ -150,3 +150,324 @@ impl Prepared {
         }
     }
 }
+
+/// Privileged tests: each confines a real child process on this kernel
+/// (root, Landlock ABI >= 6) and asserts the real outcome.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::model::{
+        ExecRules, FileRules, Mode, NetworkRules, OnViolation, PathRule, Rules, ToolRules,
+    };
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::process::Output;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under /tmp, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "mw-confine-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(fs::canonicalize(&p).unwrap())
+        }
+        fn p(&self, rel: &str) -> PathBuf {
+            self.0.join(rel)
+        }
+        fn file(&self, rel: &str, content: &str) -> PathBuf {
+            let p = self.p(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, content).unwrap();
+            p
+        }
+        fn dir(&self, rel: &str) -> PathBuf {
+            let p = self.p(rel);
+            fs::create_dir_all(&p).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sub(p: impl AsRef<Path>) -> PathRule {
+        PathRule::Subtree(p.as_ref().to_str().unwrap().to_string())
+    }
+
+    fn exact(p: impl AsRef<Path>) -> PathRule {
+        PathRule::Exact(p.as_ref().to_str().unwrap().to_string())
+    }
+
+    fn policy(rules: Rules) -> Policy {
+        Policy {
+            version: 1,
+            server: "test".into(),
+            mode: Mode::Enforce,
+            on_violation: OnViolation::Deny,
+            rules,
+            tools_allow: None,
+            tools: vec![],
+            source: "test".into(),
+        }
+    }
+
+    /// The real python3 binary (not the pyenv shim) and its install tree.
+    struct Python {
+        exe: PathBuf,
+        prefix: PathBuf,
+    }
+
+    fn python() -> Python {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sys; print(sys.executable); print(sys.base_prefix)",
+            ])
+            .output()
+            .expect("python3 on PATH");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        Python {
+            exe: PathBuf::from(lines.next().unwrap()),
+            prefix: PathBuf::from(lines.next().unwrap()),
+        }
+    }
+
+    /// The least a python3 server needs: its install tree, the system
+    /// libraries and loader cache readable, /dev/null writable.
+    fn python_rules(py: &Python) -> Rules {
+        Rules {
+            files: FileRules {
+                read: vec![
+                    sub(&py.prefix),
+                    sub("/usr/lib"),
+                    sub("/usr/lib64"),
+                    exact("/etc/ld.so.cache"),
+                ],
+                write: vec![exact("/dev/null")],
+                deny: vec![],
+            },
+            network: NetworkRules::default(),
+            exec: ExecRules::default(),
+        }
+    }
+
+    fn run_confined(p: Prepared, cmd: &Path, args: &[&str], cwd: &Path) -> Output {
+        let mut c = Command::new(cmd);
+        c.args(args).current_dir(cwd).env_clear();
+        p.attach_to(&mut c);
+        c.output().expect("spawn confined child")
+    }
+
+    /// `name=RESULT` lines of a probe's stdout.
+    fn results(out: &Output) -> BTreeMap<String, String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn expect(r: &BTreeMap<String, String>, out: &Output, name: &str, want: &str) {
+        let got = r.get(name).map(String::as_str);
+        assert!(
+            got.is_some_and(|g| g == want || g.starts_with(&format!("{want}:"))),
+            "{name}: want {want}, got {got:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    const PY_PRELUDE: &str = r#"
+import os, sys, errno, socket
+T = sys.argv[1]
+def t(name, f):
+    try:
+        r = f()
+        print(f"{name}=OK" + ("" if r is None else ":" + str(r)), flush=True)
+    except OSError as e:
+        print(f"{name}={errno.errorcode.get(e.errno, e.errno)}", flush=True)
+def rd(p):
+    with open(p) as f:
+        return f.read().strip()
+"#;
+
+    fn run_python(py: &Python, rules: Rules, t: &TempDir, body: &str) -> Output {
+        let prepared = Prepared::new(&policy(rules), &py.exe).expect("prepare");
+        let script = format!("{PY_PRELUDE}\n{body}");
+        run_confined(
+            prepared,
+            &py.exe,
+            &["-c", &script, t.0.to_str().unwrap()],
+            &t.0,
+        )
+    }
+
+    #[test]
+    fn python_files_and_syscalls_confined() {
+        let py = python();
+        let t = TempDir::new("files");
+        t.file("ro/f", "ro-data");
+        t.file("ro/sub/g", "g");
+        let w = t.file("rw/w", "rw-data");
+        t.file("out/secret", "top-secret");
+        t.dir("x");
+        let mut rules = python_rules(&py);
+        rules.files.read.push(sub(t.p("ro")));
+        rules.files.write.push(sub(t.p("rw")));
+        rules.files.write.push(sub(t.p("x")));
+        rules.exec.allow.push(sub(t.p("x")));
+        // An abstract unix socket outside the domain.
+        let abs_name = format!("mw-test-{}", std::process::id());
+        let abs = std::os::unix::net::UnixListener::bind_addr(
+            &<std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+                abs_name.as_bytes(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let body = format!(
+            r#"
+t("read_ro", lambda: rd(f"{{T}}/ro/f"))
+t("read_ro_sub", lambda: rd(f"{{T}}/ro/sub/g"))
+t("read_outside", lambda: rd(f"{{T}}/out/secret"))
+t("read_etc_passwd", lambda: rd("/etc/passwd"))
+t("list_outside", lambda: os.listdir(f"{{T}}/out"))
+t("write_ro", lambda: os.open(f"{{T}}/ro/f", os.O_WRONLY))
+t("create_ro", lambda: os.open(f"{{T}}/ro/new", os.O_WRONLY | os.O_CREAT, 0o644))
+t("unlink_ro", lambda: os.unlink(f"{{T}}/ro/f"))
+t("rename_ro", lambda: os.rename(f"{{T}}/ro/f", f"{{T}}/ro/f2"))
+t("mkdir_ro", lambda: os.mkdir(f"{{T}}/ro/d"))
+t("truncate_ro", lambda: os.truncate(f"{{T}}/ro/f", 0))
+t("symlink_ro", lambda: os.symlink("/etc/passwd", f"{{T}}/ro/l"))
+t("create_rw", lambda: open(f"{{T}}/rw/new", "w").write("n"))
+t("mkdir_rw", lambda: os.mkdir(f"{{T}}/rw/d"))
+t("rename_rw", lambda: os.rename(f"{{T}}/rw/new", f"{{T}}/rw/d/new"))
+t("unlink_rw", lambda: os.unlink(f"{{T}}/rw/d/new"))
+t("truncate_rw", lambda: os.truncate(f"{{T}}/rw/w", 2))
+t("rename_ro_to_rw", lambda: os.rename(f"{{T}}/ro/sub/g", f"{{T}}/rw/g"))
+t("link_rw_to_x", lambda: os.link(f"{{T}}/rw/w", f"{{T}}/x/w"))
+t("rename_rw_to_x", lambda: os.rename(f"{{T}}/rw/w", f"{{T}}/x/w"))
+fd = os.open(f"{{T}}/ro/f", os.O_RDONLY)
+t("proc_fd_reopen_write", lambda: os.open(f"/proc/self/fd/{{fd}}", os.O_WRONLY))
+t("dotdot_escape", lambda: rd(f"{{T}}/ro/../out/secret"))
+dfd = os.open(f"{{T}}/ro", os.O_RDONLY | os.O_DIRECTORY)
+t("dirfd_escape", lambda: os.open("../out/secret", os.O_RDONLY, dir_fd=dfd))
+t("symlink_rw_to_outside", lambda: os.symlink(f"{{T}}/out/secret", f"{{T}}/rw/ln"))
+t("read_via_symlink", lambda: rd(f"{{T}}/rw/ln"))
+t("opath_reopen", lambda: os.open(f"/proc/self/fd/{{os.open(f'{{T}}/out/secret', os.O_PATH)}}", os.O_RDONLY))
+t("chmod", lambda: os.chmod(f"{{T}}/rw/w", 0o777))
+t("fchmod", lambda: os.fchmod(os.open(f"{{T}}/rw/w", os.O_RDONLY), 0o777))
+t("chown", lambda: os.chown(f"{{T}}/rw/w", 1, 1))
+t("setxattr", lambda: os.setxattr(f"{{T}}/rw/w", "user.mw", b"1"))
+t("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))
+t("raw_socket_cloexec", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 1))
+t("raw_socket6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, 58))
+t("packet_socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0))
+t("tcp_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())
+t("kill_parent", lambda: os.kill(os.getppid(), 0))
+def abstract():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("\0{abs_name}")
+t("abstract_unix", abstract)
+def exec_unlisted():
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv("/usr/bin/id", ["id"])
+        except OSError as e:
+            os._exit(e.errno)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+t("exec_unlisted", exec_unlisted)
+def in_child(setsid):
+    pid = os.fork()
+    if pid == 0:
+        if setsid:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+        try:
+            open(f"{{T}}/out/secret").read()
+            os.write(1, f"{{'grandchild' if setsid else 'child'}}_read=OK\n".encode())
+        except OSError as e:
+            os.write(1, f"{{'grandchild' if setsid else 'child'}}_read={{errno.errorcode[e.errno]}}\n".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+in_child(False)
+in_child(True)
+import time; time.sleep(0.2)
+"#
+        );
+        let out = run_python(&py, rules, &t, &body);
+        let r = results(&out);
+        for (name, want) in [
+            ("read_ro", "OK"),
+            ("read_ro_sub", "OK"),
+            ("read_outside", "EACCES"),
+            ("read_etc_passwd", "EACCES"),
+            ("list_outside", "EACCES"),
+            ("write_ro", "EACCES"),
+            ("create_ro", "EACCES"),
+            ("unlink_ro", "EACCES"),
+            ("rename_ro", "EACCES"),
+            ("mkdir_ro", "EACCES"),
+            ("truncate_ro", "EACCES"),
+            ("symlink_ro", "EACCES"),
+            ("create_rw", "OK"),
+            ("mkdir_rw", "OK"),
+            ("rename_rw", "OK"),
+            ("unlink_rw", "OK"),
+            ("truncate_rw", "OK"),
+            ("rename_ro_to_rw", "EACCES"),
+            ("link_rw_to_x", "EXDEV"),
+            ("rename_rw_to_x", "EXDEV"),
+            ("proc_fd_reopen_write", "EACCES"),
+            ("dotdot_escape", "EACCES"),
+            ("dirfd_escape", "EACCES"),
+            ("symlink_rw_to_outside", "OK"),
+            ("read_via_symlink", "EACCES"),
+            ("opath_reopen", "EACCES"),
+            ("chmod", "EPERM"),
+            ("fchmod", "EPERM"),
+            ("chown", "EPERM"),
+            ("setxattr", "EPERM"),
+            ("raw_socket", "EPERM"),
+            ("raw_socket_cloexec", "EPERM"),
+            ("raw_socket6", "EPERM"),
+            ("packet_socket", "EPERM"),
+            ("tcp_socket", "OK"),
+            ("kill_parent", "EPERM"),
+            ("abstract_unix", "EPERM"),
+            ("exec_unlisted", "OK:13"),
+            ("child_read", "EACCES"),
+            ("grandchild_read", "EACCES"),
+        ] {
+            expect(&r, &out, name, want);
+        }
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        // Nothing changed on disk where the child was refused.
+        assert_eq!(fs::read_to_string(t.p("ro/f")).unwrap(), "ro-data");
+        assert_eq!(fs::read_to_string(t.p("out/secret")).unwrap(), "top-secret");
+        assert!(t.p("ro/sub/g").exists());
+        assert!(!t.p("ro/new").exists() && !t.p("ro/d").exists());
+        assert_eq!(
+            fs::metadata(&w).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(fs::read_to_string(&w).unwrap(), "rw");
+        drop(abs);
+    }
+}
