@@ -470,4 +470,288 @@ import time; time.sleep(0.2)
         assert_eq!(fs::read_to_string(&w).unwrap(), "rw");
         drop(abs);
     }
+
+    #[test]
+    fn deny_inside_allowed_tree_splits_it() {
+        let py = python();
+        let t = TempDir::new("deny");
+        let secret = t.file("den/secret", "s1");
+        t.file("den/sib", "sib");
+        t.file("den/sub/x", "x");
+        t.file("den/sub/deep/secret2", "s2");
+        t.file("den/sub/deep/other", "other");
+        t.file("den/sub/private/p", "p");
+        fs::hard_link(&secret, t.p("den/hl")).unwrap();
+        std::os::unix::fs::symlink(&secret, t.p("den/link")).unwrap();
+        t.dir("w2");
+        std::os::unix::fs::symlink(&secret, t.p("w2/l")).unwrap();
+        let mut rules = python_rules(&py);
+        rules.files.read.push(sub(t.p("den")));
+        rules.files.write.push(sub(t.p("w2")));
+        rules.files.deny = vec![
+            exact(t.p("den/secret")),
+            exact(t.p("den/sub/deep/secret2")),
+            sub(t.p("den/sub/private")),
+            // Written through a `..` and missing at launch: lands in w2.
+            exact(t.p("w2/../w2/later")),
+        ];
+        let prepared = Prepared::new(&policy(rules.clone()), &py.exe).unwrap();
+        let rep = prepared.report().landlock;
+        for d in ["den", "den/sub", "den/sub/deep", "w2"] {
+            assert!(rep.split_dirs.contains(&t.p(d)), "{d} not split: {rep:?}");
+        }
+        assert!(
+            rep.warnings
+                .iter()
+                .any(|w| w.contains("1 symlink(s) and 1 multiply-linked")),
+            "{:?}",
+            rep.warnings
+        );
+        let body = r#"
+t("secret", lambda: rd(f"{T}/den/secret"))
+t("sib", lambda: rd(f"{T}/den/sib"))
+t("sub_x", lambda: rd(f"{T}/den/sub/x"))
+t("secret2", lambda: rd(f"{T}/den/sub/deep/secret2"))
+t("other", lambda: rd(f"{T}/den/sub/deep/other"))
+t("private", lambda: rd(f"{T}/den/sub/private/p"))
+t("list_private", lambda: os.listdir(f"{T}/den/sub/private"))
+t("list_deep", lambda: sorted(os.listdir(f"{T}/den/sub/deep")))
+t("hardlink", lambda: rd(f"{T}/den/hl"))
+t("symlink_in_tree", lambda: rd(f"{T}/den/link"))
+t("symlink_from_w2", lambda: rd(f"{T}/w2/l"))
+t("new_symlink", lambda: os.symlink(f"{T}/den/secret", f"{T}/w2/l2"))
+t("read_new_symlink", lambda: rd(f"{T}/w2/l2"))
+t("create_later", lambda: open(f"{T}/w2/later", "w").write("x"))
+"#;
+        drop(prepared);
+        let out = run_python(&py, rules, &t, body);
+        let r = results(&out);
+        for (name, want) in [
+            ("secret", "EACCES"),
+            ("sib", "OK:sib"),
+            ("sub_x", "OK:x"),
+            ("secret2", "EACCES"),
+            ("other", "OK:other"),
+            ("private", "EACCES"),
+            ("list_private", "EACCES"),
+            ("list_deep", "OK:['other', 'secret2']"),
+            ("hardlink", "EACCES"),
+            ("symlink_in_tree", "EACCES"),
+            ("symlink_from_w2", "EACCES"),
+            // Creating entries directly in a split directory is the
+            // documented cost of the split.
+            ("new_symlink", "EACCES"),
+            ("read_new_symlink", "ENOENT"),
+            ("create_later", "EACCES"),
+        ] {
+            expect(&r, &out, name, want);
+        }
+        assert_eq!(fs::read_to_string(&secret).unwrap(), "s1");
+    }
+
+    /// Coreutils under /bin/sh: exec control, chmod via seccomp, the
+    /// capability sets, and a setsid grandchild.
+    #[test]
+    fn shell_exec_caps_and_setsid() {
+        let t = TempDir::new("sh");
+        t.file("ro/f", "ro-data");
+        let w = t.file("rw/w", "rw");
+        t.file("out/secret", "top-secret");
+        t.dir("x");
+        let rules = Rules {
+            files: FileRules {
+                read: vec![
+                    sub("/usr"),
+                    exact("/etc/ld.so.cache"),
+                    sub("/proc"),
+                    sub(t.p("ro")),
+                ],
+                write: vec![exact("/dev/null"), sub(t.p("rw")), sub(t.p("x"))],
+                deny: vec![],
+            },
+            network: NetworkRules::default(),
+            exec: ExecRules {
+                allow: ["cat", "grep", "chmod", "setsid", "touch", "ln", "sed", "tr"]
+                    .iter()
+                    .map(|b| exact(format!("/usr/bin/{b}")))
+                    .chain(std::iter::once(sub(t.p("x"))))
+                    .collect(),
+            },
+        };
+        let prepared = Prepared::new(&policy(rules), Path::new("/bin/sh")).unwrap();
+        let script = format!(
+            r#"
+T={t}
+echo "cat=$(cat $T/ro/f)"
+/usr/bin/id >/dev/null 2>&1; echo "id_rc=$?"
+/usr/bin/id 2>&1 | sed 's/^/id_err=/'
+chmod 777 $T/rw/w 2>/dev/null; echo "chmod_rc=$?"
+touch $T/ro/new 2>/dev/null; echo "touch_ro_rc=$?"
+touch $T/rw/new; echo "touch_rw_rc=$?"
+ln $T/rw/w $T/x/w 2>&1 | grep -q 'Invalid cross-device link' && echo "ln=EXDEV"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status | tr -d ' \t' | sed 's/:/=/'
+setsid -w /bin/sh -c "cat $T/out/secret >/dev/null 2>&1; echo setsid_cat_rc=\$?"
+"#,
+            t = t.0.display()
+        );
+        let out = run_confined(prepared, Path::new("/bin/sh"), &["-c", &script], &t.0);
+        let r = results(&out);
+        let zero = "0000000000000000";
+        for (name, want) in [
+            ("cat", "ro-data"),
+            ("id_rc", "126"),
+            ("chmod_rc", "1"),
+            ("touch_ro_rc", "1"),
+            ("touch_rw_rc", "0"),
+            ("ln", "EXDEV"),
+            ("CapInh", zero),
+            ("CapPrm", zero),
+            ("CapEff", zero),
+            ("CapBnd", zero),
+            ("CapAmb", zero),
+            ("NoNewPrivs", "1"),
+            ("Seccomp", "2"),
+            ("setsid_cat_rc", "1"),
+        ] {
+            expect(&r, &out, name, want);
+        }
+        assert!(
+            r.get("id_err")
+                .is_some_and(|e| e.contains("Permission denied")),
+            "{r:?}"
+        );
+        assert_eq!(
+            fs::metadata(&w).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(!t.p("ro/new").exists());
+    }
+
+    #[test]
+    fn tool_rules_join_the_union_and_report_is_honest() {
+        let py = python();
+        let t = TempDir::new("tools");
+        t.file("tool/data", "tool-data");
+        t.dir("adir");
+        let mut rules = python_rules(&py);
+        rules.files.read.push(sub(t.p("missing")));
+        rules.files.read.push(exact(t.p("adir")));
+        let mut p = policy(rules);
+        p.tools.push(ToolRules {
+            name: "read_file".into(),
+            rules: Rules {
+                files: FileRules {
+                    read: vec![sub(t.p("tool"))],
+                    ..FileRules::default()
+                },
+                network: NetworkRules {
+                    unix: vec![PathRule::Exact("@dbus-x".into())],
+                    ..NetworkRules::default()
+                },
+                exec: ExecRules::default(),
+            },
+        });
+        let prepared = Prepared::new(&p, &py.exe).unwrap();
+        let rep = prepared.report();
+        let ll = &rep.landlock;
+        assert!(ll.kernel_abi >= 6, "{ll:?}");
+        assert_eq!(ll.requested_abi, 7);
+        if ll.kernel_abi >= 7 {
+            assert_eq!(
+                ll.enforcement,
+                super::super::landlock::Enforcement::FullyEnforced
+            );
+        }
+        // '@' in network.unix keeps abstract sockets reachable.
+        assert_eq!(ll.scopes, vec!["signal"]);
+        for right in [
+            "execute",
+            "read_file",
+            "write_file",
+            "refer",
+            "truncate",
+            "ioctl_dev",
+        ] {
+            assert!(
+                ll.handled_fs.contains(&right),
+                "{right} not handled: {ll:?}"
+            );
+        }
+        assert!(ll
+            .warnings
+            .iter()
+            .any(|w| w.contains("missing") && w.contains("not present")));
+        assert!(ll
+            .warnings
+            .iter()
+            .any(|w| w.contains("exact rule names a directory")));
+        assert!(!ll.rules.iter().any(|r| r.path == t.p("adir")));
+        assert!(ll
+            .interpreters
+            .iter()
+            .any(|i| i.to_string_lossy().contains("ld-linux")));
+        let text = rep.to_string();
+        assert!(text.contains("seccomp: socket when"), "{text}");
+        assert!(
+            text.contains("capabilities: bounding set emptied"),
+            "{text}"
+        );
+        serde_json::to_string(&rep).unwrap();
+        let out = run_confined(
+            prepared,
+            &py.exe,
+            &[
+                "-c",
+                &format!("{PY_PRELUDE}\nt('tool', lambda: rd(f'{{T}}/tool/data'))"),
+                t.0.to_str().unwrap(),
+            ],
+            &t.0,
+        );
+        expect(&results(&out), &out, "tool", "OK:tool-data");
+    }
+
+    #[test]
+    fn missing_command_fails_closed() {
+        let p = policy(Rules::default());
+        let e = Prepared::new(&p, Path::new("/nonexistent/mw-cmd")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/mw-cmd"), "{e}");
+    }
+
+    /// unshare, mount and io_uring through ctypes (python 3.11 has no
+    /// os.unshare).
+    #[test]
+    fn namespace_and_io_uring_syscalls_refused() {
+        let py = python();
+        let t = TempDir::new("ns");
+        let body = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    def f():
+        rc = getattr(libc, name)(*args)
+        if rc < 0:
+            raise OSError(ctypes.get_errno(), name)
+        return rc
+    return f
+t("unshare_user", call("unshare", 0x10000000))
+t("unshare_ns", call("unshare", 0x00020000))
+t("mount", call("mount", b"none", b"/tmp", b"tmpfs", 0, None))
+params = ctypes.create_string_buffer(120)
+t("io_uring_setup", call("syscall", 425, 4, params))
+t("bpf", call("syscall", 321, 0, None, 0))
+t("getpid", call("getpid"))
+"#;
+        let out = run_python(&py, python_rules(&py), &t, body);
+        let r = results(&out);
+        for name in [
+            "unshare_user",
+            "unshare_ns",
+            "mount",
+            "io_uring_setup",
+            "bpf",
+        ] {
+            expect(&r, &out, name, "EPERM");
+        }
+        expect(&r, &out, "getpid", "OK");
+    }
 }
