@@ -309,7 +309,7 @@ fn split_dir(
     let mut linked = 0usize;
     for entry in entries.flatten() {
         let p = entry.path();
-        if denies.iter().any(|d| *d == p) {
+        if denies.contains(&p) {
             continue;
         }
         let meta = match fs::symlink_metadata(&p) {
@@ -370,7 +370,7 @@ fn apply_denies(
 ) -> BTreeMap<PathBuf, BitFlags<AccessFs>> {
     let mut out = BTreeMap::new();
     for (path, access) in grants {
-        if denies.iter().any(|d| *d == path) {
+        if denies.contains(&path) {
             warnings.push(format!(
                 "{}: allowed and denied by the same path; denied",
                 path.display()
