@@ -754,4 +754,88 @@ t("getpid", call("getpid"))
         }
         expect(&r, &out, "getpid", "OK");
     }
+
+    /// Measures the gap docs/backends-fallback.md describes: with the ELF
+    /// interpreter executable, a readable but unlisted binary still runs
+    /// through ld.so, and a memfd copy runs through /proc/self/fd. If this
+    /// test starts failing, the gap closed: update the doc.
+    #[test]
+    fn exec_via_ld_so_and_memfd_is_not_a_boundary() {
+        let py = python();
+        let t = TempDir::new("memfd");
+        let mut rules = python_rules(&py);
+        rules.files.read.push(exact("/usr/bin/true"));
+        let body = r#"
+def run(path, argv):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(path, argv)
+        except OSError as e:
+            os._exit(100 + e.errno)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+t("direct", lambda: run("/usr/bin/true", ["true"]))
+ld = [p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)][0]
+t("via_ld_so", lambda: run(ld, [ld, "/usr/bin/true"]))
+def memfd():
+    fd = os.memfd_create("x", 0)
+    os.write(fd, open("/usr/bin/true", "rb").read())
+    return run(f"/proc/self/fd/{fd}", ["true"])
+t("via_memfd", memfd)
+"#;
+        let out = run_python(&py, rules, &t, body);
+        let r = results(&out);
+        expect(&r, &out, "direct", "OK:113"); // 100 + EACCES
+        expect(&r, &out, "via_ld_so", "OK:0");
+        expect(&r, &out, "via_memfd", "OK:0");
+    }
+
+    /// node 20 starts, reads, and spawns a child under the filter (it must
+    /// cope with io_uring_setup = EPERM). Skipped where node is absent.
+    #[test]
+    fn node_runs_confined() {
+        let Ok(node) = fs::canonicalize("/usr/bin/node") else {
+            println!("no /usr/bin/node: skipped");
+            return;
+        };
+        let t = TempDir::new("node");
+        t.file("data/x", "node-data");
+        let rules = Rules {
+            files: FileRules {
+                read: vec![
+                    sub("/usr/lib"),
+                    sub("/usr/lib64"),
+                    exact("/etc/ld.so.cache"),
+                    // node reads it at start and exits if it cannot.
+                    exact("/etc/ssl/openssl.cnf"),
+                    sub(t.p("data")),
+                ],
+                write: vec![exact("/dev/null")],
+                deny: vec![],
+            },
+            network: NetworkRules::default(),
+            exec: ExecRules {
+                allow: vec![exact("/usr/bin/true")],
+            },
+        };
+        let prepared = Prepared::new(&policy(rules), &node).unwrap();
+        let script = "const fs = require('fs'); \
+            console.log('read=' + fs.readFileSync(process.argv[1] + '/data/x', 'utf8')); \
+            try { fs.readFileSync('/etc/passwd'); console.log('passwd=OK'); } \
+            catch (e) { console.log('passwd=' + e.code); } \
+            const r = require('child_process').spawnSync('/usr/bin/true'); \
+            console.log('spawn=' + r.status); \
+            fs.promises.readFile(process.argv[1] + '/data/x', 'utf8').then(d => console.log('async=' + d));";
+        let out = run_confined(
+            prepared,
+            &node,
+            &["-e", script, t.0.to_str().unwrap()],
+            &t.0,
+        );
+        let r = results(&out);
+        expect(&r, &out, "read", "node-data");
+        expect(&r, &out, "passwd", "EACCES");
+        expect(&r, &out, "spawn", "0");
+        expect(&r, &out, "async", "node-data");
+    }
 }
