@@ -7,4 +7,6 @@ pub mod landlock;
 pub mod prepared;
 pub mod seccomp;
 
+pub use landlock::{Enforcement, LandlockReport, RuleReport};
 pub use prepared::{ConfineError, ConfinementReport, Prepared};
+pub use seccomp::SeccompLine;

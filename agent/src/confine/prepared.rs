@@ -838,4 +838,58 @@ t("via_memfd", memfd)
         expect(&r, &out, "spawn", "0");
         expect(&r, &out, "async", "node-data");
     }
+
+    /// A launcher without CAP_SETPCAP (here: a child that became `nobody`
+    /// in an earlier pre_exec hook) cannot empty the bounding set; the rest
+    /// of the confinement still applies, and nothing can raise capabilities
+    /// again (no_new_privs disables setuid and file capabilities).
+    #[test]
+    fn non_root_child_is_confined_too() {
+        let rules = Rules {
+            files: FileRules {
+                read: vec![sub("/usr"), exact("/etc/ld.so.cache"), sub("/proc")],
+                write: vec![exact("/dev/null")],
+                deny: vec![],
+            },
+            network: NetworkRules::default(),
+            exec: ExecRules {
+                allow: vec![exact("/usr/bin/cat"), exact("/usr/bin/grep")],
+            },
+        };
+        let prepared = Prepared::new(&policy(rules), Path::new("/bin/sh")).unwrap();
+        let mut c = Command::new("/bin/sh");
+        c.args([
+            "-c",
+            "cat /etc/hostname >/dev/null 2>&1; echo hostname_rc=$?; \
+             grep -E '^(CapEff|CapPrm|NoNewPrivs|Seccomp|Uid):' /proc/self/status",
+        ])
+        .current_dir("/")
+        .env_clear();
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe syscalls.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        prepared.attach_to(&mut c);
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).replace([' ', '\t'], "");
+        let r: BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once(['=', ':']))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        expect(&r, &out, "hostname_rc", "1");
+        expect(&r, &out, "CapEff", "0000000000000000");
+        expect(&r, &out, "CapPrm", "0000000000000000");
+        expect(&r, &out, "NoNewPrivs", "1");
+        expect(&r, &out, "Seccomp", "2");
+        expect(&r, &out, "Uid", "65534655346553465534");
+    }
 }
