@@ -206,7 +206,18 @@ impl Host {
             .map_err(|_| HostError::Poisoned)?
             .insert(cg.id(), session.clone());
 
-        let prepared = crate::confine::Prepared::new(&policy, &cmd_path)?;
+        // Opens a file per rule and lists directories: off the runtime.
+        let prepared = {
+            let policy = policy.clone();
+            let cmd_path = cmd_path.clone();
+            tokio::task::spawn_blocking(move || crate::confine::Prepared::new(&policy, &cmd_path))
+                .await
+                .map_err(|e| HostError::Reader(std::io::Error::other(e)))??
+        };
+        let confinement = prepared.report();
+        for w in &confinement.landlock.warnings {
+            log::warn!("{}: {w}", policy.server);
+        }
         let procs = cg.procs_file()?;
         let procs_fd = procs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(&cmd_path);
@@ -239,6 +250,7 @@ impl Host {
                 "mode": format!("{:?}", policy.mode).to_lowercase(),
                 "backend": self.backend,
                 "hooks": links.hooks(),
+                "confinement": serde_json::to_value(&confinement).unwrap_or(serde_json::Value::Null),
             }),
         );
         metrics_server_state(&self.metrics, 1);

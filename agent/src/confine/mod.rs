@@ -1,5 +1,15 @@
-//! Confinement applied to the server process: its cgroup, and on hosts
-//! without BPF-LSM the Landlock ruleset, seccomp filter and capability drop.
+//! confine: everything applied to a server process before it executes.
+//! - [`cgroup`]: the instance's cgroup v2 (all backends); the child joins it
+//!   between fork and exec.
+//! - Fallback backend: Landlock ([`landlock`]), seccomp ([`seccomp`]) and the
+//!   capability drop ([`caps`]), prepared in the parent and applied in the
+//!   child by [`prepared::Prepared`].
+pub mod caps;
 pub mod cgroup;
-mod stub;
-pub use stub::{ConfineError, Prepared};
+pub mod landlock;
+pub mod prepared;
+pub mod seccomp;
+
+pub use landlock::{Enforcement, LandlockReport, RuleReport};
+pub use prepared::{ConfineError, ConfinementReport, Prepared};
+pub use seccomp::SeccompLine;
