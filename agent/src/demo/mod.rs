@@ -79,14 +79,24 @@ pub fn main() -> i32 {
     code
 }
 
+/// The real interpreter (not a shim script such as pyenv's) and its
+/// install tree, which the confined server must be able to read.
 fn python_prefix() -> Result<(PathBuf, String), DemoError> {
     let py = which::which("python3").map_err(|_| DemoError::NoPython)?;
-    let py = std::fs::canonicalize(py)?;
     let out = std::process::Command::new(&py)
-        .args(["-c", "import sys; print(sys.base_prefix)"])
+        .args([
+            "-c",
+            "import sys, os; print(os.path.realpath(sys.executable)); print(sys.base_prefix)",
+        ])
         .output()?;
-    let prefix = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Ok((py, prefix))
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    match (lines.next(), lines.next()) {
+        (Some(exe), Some(prefix)) if !exe.is_empty() => {
+            Ok((PathBuf::from(exe), prefix.trim().to_string()))
+        }
+        _ => Err(DemoError::NoPython),
+    }
 }
 
 struct Workspace {
