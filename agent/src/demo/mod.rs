@@ -237,7 +237,7 @@ async fn demo() -> Result<i32, DemoError> {
     println!("  server    python3 server.py (\"warden-demo\", tools read_note and send_report)");
     println!("  policy    embedded: read its notes and the Python runtime; no network peers");
     println!(
-        "  backend   {} (cgroup eBPF network hooks; file rules: see `mcp-warden status`)",
+        "  backend   {} (network: cgroup eBPF hooks; files and exec: Landlock, seccomp)",
         host.backend()
     );
     println!("  attacker  127.0.0.1:{attacker_port}, outside the sandbox");
