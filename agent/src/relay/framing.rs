@@ -152,13 +152,16 @@ impl Framer {
 mod tests {
     use super::*;
 
+    /// (is_line, bytes, last) per frame.
+    type Frames = Vec<(bool, Vec<u8>, bool)>;
+
     /// Feed `input` in chunks of `chunk` bytes; return (frames as owned
     /// (is_line, bytes, last), concatenation).
-    fn run(input: &[u8], chunk: usize, limit: usize) -> (Vec<(bool, Vec<u8>, bool)>, Vec<u8>) {
+    fn run(input: &[u8], chunk: usize, limit: usize) -> (Frames, Vec<u8>) {
         let mut f = Framer::new(limit);
         let mut frames = Vec::new();
         let mut out = Vec::new();
-        let mut take = |fr: Frame<'_>, frames: &mut Vec<(bool, Vec<u8>, bool)>| {
+        let mut take = |fr: Frame<'_>, frames: &mut Frames| {
             out.extend_from_slice(fr.bytes());
             match fr {
                 Frame::Line(b) => frames.push((true, b.to_vec(), true)),
@@ -201,7 +204,7 @@ mod tests {
             x ^= x << 5;
             // Plenty of newlines, invalid UTF-8 and NULs.
             let b = (x % 260) as u8;
-            input.push(if x % 7 == 0 { b'\n' } else { b });
+            input.push(if x.is_multiple_of(7) { b'\n' } else { b });
         }
         for chunk in [1, 2, 3, 7, 64, 4096, 10_000] {
             for limit in [0, 1, 5, 40, 1 << 20] {

@@ -84,3 +84,6 @@ pub trait RelayHooks: Send + Sync + 'static {
     /// A `tools/list` result was seen; `tools` is everything seen so far.
     fn tools_listed(&self, _tools: &BTreeMap<String, ToolAnnotations>) {}
 }
+
+#[cfg(test)]
+mod tests;
