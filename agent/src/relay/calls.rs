@@ -103,6 +103,11 @@ impl CallTracker {
         self.calls.contains_key(id)
     }
 
+    /// The start of the call with `id`, if it is in flight.
+    pub fn get(&self, id: &RequestId) -> Option<&CallStart> {
+        self.calls.get(id).map(|f| &f.start)
+    }
+
     /// Start tracking. False (and nothing changes) if `id` is already in
     /// flight: a reused id would make the two calls' ends ambiguous.
     pub fn begin(&mut self, start: CallStart) -> bool {

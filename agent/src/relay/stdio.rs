@@ -707,16 +707,21 @@ fn s2c_messages(st: &mut State, msgs: &[Message<'_>], bytes: usize) -> S2cEffect
     for m in msgs {
         match m {
             Message::Response { id: Some(id), body } => {
-                if st.tracker.contains(id) {
+                if let Some(start) = st.tracker.get(id) {
+                    let asked_for_task = start.task;
                     let outcome = match body {
                         ResponseBody::Error { .. } => Some(Outcome::Error),
                         ResponseBody::Result(r) => match call_result(r) {
                             CallResult::Done { is_error: true } => Some(Outcome::Error),
                             CallResult::Done { is_error: false } => Some(Outcome::Ok),
-                            CallResult::Task(t) => {
+                            // A task handle keeps the call (and its rights)
+                            // alive, so it counts only when the client asked
+                            // for a task: a server can't extend its own rights.
+                            CallResult::Task(t) if asked_for_task => {
                                 st.tracker.attach_task(id, &t.task_id);
                                 Outcome::of_task(&t.status)
                             }
+                            CallResult::Task(_) => Some(Outcome::Ok),
                         },
                     };
                     if let Some(o) = outcome {

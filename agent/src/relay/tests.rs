@@ -590,6 +590,19 @@ async fn task_calls_stay_in_flight_until_terminal_status() {
 }
 
 #[tokio::test]
+async fn unrequested_task_handle_does_not_keep_rights() {
+    let hooks = Arc::new(Rec::default());
+    let mut r = rig(policy(None), hooks.clone(), RelayOptions::default());
+    // No params.task: the client did not ask for a task.
+    send(&mut r.client_w, &call("1", "slow")).await;
+    line(&mut r.server_r).await;
+    send(&mut r.server_w, "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"task\":{\"taskId\":\"t\",\"status\":\"working\"}}}\n").await;
+    line(&mut r.client_r).await;
+    assert_eq!(hooks.log(), vec!["begin 1 slow", "end 1 slow ok"]);
+    finish(r).await;
+}
+
+#[tokio::test]
 async fn handshake_and_tool_annotations_are_reported() {
     let hooks = Arc::new(Rec::default());
     let mut r = rig(policy(None), hooks.clone(), RelayOptions::default());
