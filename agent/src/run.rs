@@ -151,11 +151,12 @@ async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
         return Err(RunError::Relay("child stdio not piped".into()));
     };
     let session = inst.session.clone();
-    let relay = tokio::spawn(crate::relay::relay_stdio(
+    let relay = tokio::spawn(crate::relay::relay(
         tokio::io::stdin(),
         tokio::io::stdout(),
         child_in,
         child_out,
+        session.policy().clone(),
         session,
     ));
     let mut sigint = signal(SignalKind::interrupt())?;

