@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("agent has no parent dir"))?
         .join("ebpf");
     let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+    // aya-build turns every line the inner cargo prints into a warning;
+    // keep it to real diagnostics.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "mcp-warden-ebpf",

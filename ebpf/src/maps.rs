@@ -32,6 +32,6 @@ pub fn current_instance() -> Option<(u64, InstanceState)> {
     // SAFETY: helper with no arguments.
     let cg = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
     // SAFETY: the value is a plain Copy struct owned by the map; copied out.
-    let st = unsafe { INSTANCES.get(&cg) }?;
+    let st = unsafe { INSTANCES.get(cg) }?;
     Some((cg, *st))
 }

@@ -69,17 +69,22 @@ fn v6_allowed(policy_id: u32, kind: u32, addr: [u8; 16], port: u16, mask: u64) -
     }
 }
 
+/// Where an operation was headed.
+struct Target {
+    family: u32,
+    addr: [u8; 16],
+    port: u16,
+}
+
 /// Turn the rule verdict into the hook's return value and an event.
 #[inline(always)]
 fn verdict(
     ctx: &SockAddrContext,
     operation: u32,
-    family: u32,
     cg: u64,
     st: &InstanceState,
     allowed: bool,
-    addr: [u8; 16],
-    port: u16,
+    t: Target,
 ) -> i32 {
     let audit = st.flags & flags::AUDIT != 0;
     let (ret, dec) = if allowed {
@@ -93,11 +98,11 @@ fn verdict(
         // SAFETY: ctx points to the kernel's bpf_sock_addr for this hook.
         let (ty, proto) = unsafe { ((*ctx.sock_addr).type_, (*ctx.sock_addr).protocol) };
         emit(kind::NET, operation, dec, cg, st, |e| {
-            e.family = family;
+            e.family = t.family;
             e.sock_type = ty;
             e.protocol = proto;
-            e.port = port as u32;
-            e.addr = addr;
+            e.port = t.port as u32;
+            e.addr = t.addr;
             e.errno = if ret == REFUSE { EPERM } else { 0 };
         });
     }
@@ -118,7 +123,12 @@ fn check4(ctx: &SockAddrContext, operation: u32, kind: u32) -> i32 {
     let allowed = v4_allowed(st.policy_id, kind, addr4, port, st.active_mask);
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&addr4);
-    verdict(ctx, operation, AF_INET, cg, &st, allowed, addr, port)
+    let t = Target {
+        family: AF_INET,
+        addr,
+        port,
+    };
+    verdict(ctx, operation, cg, &st, allowed, t)
 }
 
 #[inline(always)]
@@ -147,7 +157,12 @@ fn check6(ctx: &SockAddrContext, operation: u32, kind: u32) -> i32 {
     addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
     let port = u16::from_be(port as u16);
     let allowed = v6_allowed(st.policy_id, kind, addr, port, st.active_mask);
-    verdict(ctx, operation, AF_INET6, cg, &st, allowed, addr, port)
+    let t = Target {
+        family: AF_INET6,
+        addr,
+        port,
+    };
+    verdict(ctx, operation, cg, &st, allowed, t)
 }
 
 #[cgroup_sock_addr(connect4)]
