@@ -160,24 +160,16 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
 
 fn download_and_unpack(root: &Path, kernel: Kernel, dir: &Path, extract: &Path) -> Result<String> {
     let apt = AptConfig::new(root, kernel)?;
-    let package = match newest_package(&apt, kernel)? {
-        Some(p) => p,
-        None => {
-            // An empty or stale package list (a fresh machine): refresh and retry.
+    let download = dir.join("download");
+    let package = match download_newest(&apt, kernel, &download) {
+        Ok(package) => package,
+        Err(e) => {
+            // Empty or stale package lists (a fresh machine): refresh and retry once.
+            println!("   {e:#}: refreshing the package lists");
             apt.get().arg("update").check()?;
-            newest_package(&apt, kernel)?.with_context(|| {
-                let (prefix, suffix) = kernel.package_pattern();
-                format!("no package {prefix}*{suffix} in the APT sources")
-            })?
+            download_newest(&apt, kernel, &download)?
         }
     };
-    let download = dir.join("download");
-    let _ = fs::remove_dir_all(&download);
-    fs::create_dir_all(&download)?;
-    apt.get()
-        .args(["download", &package])
-        .current_dir(&download)
-        .check()?;
     let deb = only_entry(&download, &format!("{package}_"))?;
     let tmp = dir.join("extract.tmp");
     let _ = fs::remove_dir_all(&tmp);
@@ -185,6 +177,20 @@ fn download_and_unpack(root: &Path, kernel: Kernel, dir: &Path, extract: &Path) 
     let _ = fs::remove_dir_all(extract);
     fs::rename(&tmp, extract)?;
     fs::remove_dir_all(&download)?;
+    Ok(package)
+}
+
+/// `apt-get download` the newest kernel package into `download`; its name.
+fn download_newest(apt: &AptConfig, kernel: Kernel, download: &Path) -> Result<String> {
+    let (prefix, suffix) = kernel.package_pattern();
+    let package = newest_package(apt, kernel)?
+        .with_context(|| format!("no package {prefix}*{suffix} in the APT lists"))?;
+    let _ = fs::remove_dir_all(download);
+    fs::create_dir_all(download)?;
+    apt.get()
+        .args(["download", &package])
+        .current_dir(download)
+        .check()?;
     Ok(package)
 }
 
