@@ -183,6 +183,7 @@ fn bpf_linker() -> Result<()> {
     Cmd::new("cargo")
         .args([
             "install",
+            "--locked",
             "bpf-linker",
             "--version",
             "0.13.0",

@@ -658,8 +658,7 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
         let mut reader = BufReader::new(stdout);
         let mut buf = Vec::new();
         while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.trim_end_matches(['\n', '\r']).to_owned();
+            let line = printable(&String::from_utf8_lossy(&buf));
             if tx.send(Serial::Line(line)).is_err() {
                 return;
             }
@@ -731,6 +730,31 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
     Ok(status)
 }
 
+/// A console line without its line ending and terminal escape sequences
+/// (the firmware clears the screen).
+fn printable(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.trim_end_matches(['\n', '\r']).chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // ESC [ params final-byte, or ESC and one character.
+            '\x1b' => match chars.next() {
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                _ => continue,
+            },
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn show_tail(lines: &[String], log_path: &Path) {
     let from = lines.len().saturating_sub(SERIAL_TAIL_LINES);
     eprintln!(
@@ -752,6 +776,15 @@ mod tests {
         assert_eq!(shell_quote(b"exit 3"), "'exit 3'");
         assert_eq!(shell_quote(b"it's"), r"'it'\''s'");
         assert_eq!(shell_quote(b"$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn console_lines_lose_escape_sequences() {
+        assert_eq!(
+            printable("\x1bc\x1b[?7l\x1b[2JBooting from ROM..\r\n"),
+            "Booting from ROM.."
+        );
+        assert_eq!(printable("plain [brackets]\n"), "plain [brackets]");
     }
 
     #[test]
