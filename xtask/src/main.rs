@@ -79,7 +79,7 @@ pub fn repo_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// A child's exit status as our own; a signal death becomes 128 + signal, as a shell reports it.
+/// A child's exit code (see `cmd::code_of`) as our own.
 fn exit_code(status: i32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(1))
 }

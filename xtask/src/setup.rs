@@ -297,11 +297,18 @@ fn smoke_test_filesystem_server(root: &Path) -> Result<()> {
     let request = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"xtask","version":"0"}}}"#;
     let mut stdin = child.stdin.take().context("server stdin")?;
     writeln!(stdin, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let answer = rx.recv_timeout(std::time::Duration::from_secs(60));
     drop(stdin);
     let _ = child.kill();
     let _ = child.wait();
+    let line = answer.context("the filesystem server did not answer initialize within 60 s")?;
     let reply: serde_json::Value =
         serde_json::from_str(&line).with_context(|| format!("not JSON-RPC: {line:?}"))?;
     if reply["id"] != 1 || reply["result"]["serverInfo"].is_null() {
