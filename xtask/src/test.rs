@@ -1,0 +1,168 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+//!
+//! Every step runs even when an earlier one failed, so one run shows every
+//! problem; each prints its name and duration, and the run ends with a summary
+//! and the line `N passed, N failed` counting steps.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cmd::{self, Cmd};
+use crate::{repo_root, setup, vm};
+
+/// The package holding the privileged end-to-end suites (tests/).
+const E2E_PACKAGE: &str = "mcp-warden-tests";
+const EBPF_PACKAGE: &str = "mcp-warden-ebpf";
+
+struct Outcome {
+    name: String,
+    duration: Duration,
+    result: Result<()>,
+}
+
+pub fn run(with_vm: bool) -> Result<ExitCode> {
+    let root = repo_root();
+    let mut outcomes = Vec::new();
+    let mut step = |name: &str, f: &dyn Fn() -> Result<()>| {
+        println!("\n==== step: {name}");
+        let start = Instant::now();
+        let result = f();
+        let duration = start.elapsed();
+        match &result {
+            Ok(()) => println!("==== {name}: ok ({:.1} s)", duration.as_secs_f64()),
+            Err(e) => println!(
+                "==== {name}: FAILED ({:.1} s): {e:#}",
+                duration.as_secs_f64()
+            ),
+        }
+        outcomes.push(Outcome {
+            name: name.to_owned(),
+            duration,
+            result,
+        });
+    };
+
+    step("setup", &setup::run);
+    step("fmt", &|| {
+        cmd::cargo(&root)
+            .args(["fmt", "--all", "--", "--check"])
+            .check()
+    });
+    // Default members: the eBPF crate only builds for its own target (next step).
+    step("clippy", &|| {
+        cmd::cargo(&root)
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+            .check()
+    });
+    step("clippy ebpf (bpfel-unknown-none)", &|| clippy_ebpf(&root));
+    step("unit tests", &|| {
+        cmd::cargo(&root)
+            .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
+            .args(["--exclude", E2E_PACKAGE])
+            .check()
+    });
+    step("e2e tests (host kernel)", &|| {
+        cmd::cargo(&root)
+            .args(["test", "-p", E2E_PACKAGE, "--", "--test-threads=1"])
+            .check()
+    });
+    if with_vm {
+        for kernel in vm::Kernel::ALL {
+            let name = format!("e2e tests in VM (Linux {}, BPF-LSM)", kernel.name());
+            step(&name, &|| e2e_in_vm(&root, kernel));
+        }
+    } else {
+        println!("\n==== VM lane skipped (--no-vm)");
+    }
+
+    println!("\n==== summary");
+    let mut failed = 0;
+    for o in &outcomes {
+        let verdict = if o.result.is_ok() { "ok" } else { "FAILED" };
+        if o.result.is_err() {
+            failed += 1;
+        }
+        println!(
+            "{verdict:>7}  {:>7.1} s  {}",
+            o.duration.as_secs_f64(),
+            o.name
+        );
+    }
+    println!("{} passed, {failed} failed", outcomes.len() - failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Lint the kernel crate for its own target, alone, so that feature
+/// unification with the userspace crates cannot change what it sees.
+fn clippy_ebpf(root: &Path) -> Result<()> {
+    Cmd::new("cargo")
+        .args(["+nightly", "clippy", "-p", EBPF_PACKAGE])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(root.join("ebpf"))
+        .check()
+}
+
+/// Run every test binary of the e2e package inside the VM, in one boot.
+fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
+    let binaries = e2e_test_binaries(root)?;
+    if binaries.is_empty() {
+        bail!("no test binary found in {E2E_PACKAGE}");
+    }
+    // One boot for all binaries; every binary runs even when one fails.
+    let script =
+        "rc=0; for t in \"$@\"; do echo \"== $t\"; \"$t\" --test-threads=1 || rc=1; done; exit $rc";
+    let status = Cmd::new(std::env::current_exe()?)
+        .args([
+            "vm",
+            "--kernel",
+            kernel.name(),
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .args(&binaries)
+        .current_dir(root)
+        .status()?;
+    if status != 0 {
+        bail!("the e2e suite in the VM exited with {status}");
+    }
+    Ok(())
+}
+
+/// The e2e test executables, built by `cargo test --no-run`.
+fn e2e_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
+    let out = cmd::cargo(root)
+        .args([
+            "test",
+            "-p",
+            E2E_PACKAGE,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .read()?;
+    let mut binaries = Vec::new();
+    for line in out.lines() {
+        let msg: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("cargo printed {line:?}"))?;
+        let is_test = msg["profile"]["test"].as_bool() == Some(true);
+        let own = msg["package_id"]
+            .as_str()
+            .is_some_and(|id| id.contains(E2E_PACKAGE));
+        if msg["reason"] == "compiler-artifact" && is_test && own {
+            if let Some(exe) = msg["executable"].as_str() {
+                binaries.push(PathBuf::from(exe));
+            }
+        }
+    }
+    Ok(binaries)
+}
