@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod audit;
 mod event;
 mod maps;
 mod net;

@@ -335,10 +335,15 @@ async fn demo() -> Result<i32, DemoError> {
     let recs = collected.lock().map(|v| v.clone()).unwrap_or_default();
     let denials: Vec<&Value> = recs.iter().filter(|r| r["decision"] == "deny").collect();
     let net_denial = denials.iter().find(|r| r["kind"] == "net");
+    println!();
+    println!("what the kernel refused during the tool calls:");
+    for d in denials.iter().filter(|r| !r["tool"].is_null()) {
+        println!("  {}", crate::events::human_line(d));
+    }
     if let Some(ev) = net_denial {
         println!();
         println!(
-            "the kernel's denial, as written to the audit trail ({}):",
+            "the network denial, as written to the audit trail ({}):",
             events_path.display()
         );
         println!(
@@ -357,7 +362,10 @@ async fn demo() -> Result<i32, DemoError> {
     }
     host.shutdown().await?;
     drop(ws);
-    if got == 0 && net_denial.is_some() {
+    let file_denial = denials.iter().any(|r| {
+        r["kind"] == "file" && r["path"].as_str().is_some_and(|p| p.contains("id_ed25519"))
+    });
+    if got == 0 && net_denial.is_some() && file_denial {
         println!();
         println!("exfiltration blocked.");
         Ok(0)

@@ -48,6 +48,14 @@ pub fn op_name(o: u32) -> &'static str {
         op::EXEC => "exec",
         op::EXIT => "exit",
         op::OPEN => "open",
+        op::UNLINK => "unlink",
+        op::MKDIR => "mkdir",
+        op::RENAME => "rename",
+        op::LINK => "link",
+        op::SYMLINK => "symlink",
+        op::TRUNCATE => "truncate",
+        op::CHMOD => "chmod",
+        op::CHOWN => "chown",
         _ => "unknown",
     }
 }
@@ -69,6 +77,23 @@ pub fn family_name(f: u32) -> &'static str {
         libc::AF_PACKET => "packet",
         _ => "other",
     }
+}
+
+/// `read`, `write`, `read,write`, plus `create`/`truncate`, from open flags.
+pub fn open_access(flags: u32) -> String {
+    let flags = flags as i32;
+    let mut v = vec![match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => "write",
+        libc::O_RDWR => "read,write",
+        _ => "read",
+    }];
+    if flags & libc::O_CREAT != 0 {
+        v.push("create");
+    }
+    if flags & libc::O_TRUNC != 0 {
+        v.push("truncate");
+    }
+    v.join(",")
 }
 
 /// The tool call(s) a kernel event happened in.
@@ -207,6 +232,9 @@ pub fn kernel_record(ev: &Event, info: &InstanceInfo, attr: &Attribution) -> Val
             );
         }
         kind::FILE | kind::EXEC | kind::PROC => {
+            if ev.kind == kind::FILE && ev.op == op::OPEN {
+                m.insert("access".into(), Value::String(open_access(ev.protocol)));
+            }
             let p = cstr(&ev.path);
             m.insert(
                 "path".into(),

@@ -195,6 +195,20 @@ impl Kernel {
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
+        // The fallback's audit of refused file/exec operations (Landlock
+        // and seccomp report nothing themselves).
+        for (name, tp) in mcp_warden_common::AUDIT_TRACEPOINTS {
+            let p: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let id = p.attach("syscalls", tp).map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            tracepoints.push(FdLink::try_from(link)?);
+            caps.hooks.insert(name, true);
+        }
         let instances = HashMap::try_from(
             ebpf.take_map(maps::INSTANCES)
                 .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
