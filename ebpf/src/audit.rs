@@ -59,7 +59,7 @@ fn enter(ctx: &TracePointContext, op: u32, path_arg: usize, flags_arg: Option<us
         op,
         flags: flags as u32,
     };
-    let _ = PENDING.insert(&bpf_get_current_pid_tgid(), &p, 0);
+    let _ = PENDING.insert(bpf_get_current_pid_tgid(), p, 0);
     0
 }
 
@@ -67,10 +67,10 @@ fn enter(ctx: &TracePointContext, op: u32, path_arg: usize, flags_arg: Option<us
 fn exit(ctx: &TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: copied out of the map before the entry is removed.
-    let Some(p) = (unsafe { PENDING.get(&id) }).copied() else {
+    let Some(p) = (unsafe { PENDING.get(id) }).copied() else {
         return 0;
     };
-    let _ = PENDING.remove(&id);
+    let _ = PENDING.remove(id);
     // SAFETY: stable sys_exit layout.
     let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(0);
     if ret != -EACCES && ret != -EPERM && ret != -EXDEV {
