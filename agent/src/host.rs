@@ -385,13 +385,22 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// Resolve the command like execvp would, to an absolute path.
+/// Resolve the command like execvp would, to an absolute path. Symlinks are
+/// kept (not canonicalized): a venv's `bin/python` finds its venv through the
+/// path it was started by.
 fn resolve_command(prog: &OsString) -> Result<PathBuf, HostError> {
     let p = PathBuf::from(prog);
-    if p.components().count() > 1 || p.is_absolute() {
-        return std::fs::canonicalize(&p).map_err(|_| HostError::NotFound(prog.clone()));
+    let found = if p.is_absolute() {
+        p
+    } else if p.components().count() > 1 {
+        std::env::current_dir()
+            .map_err(|_| HostError::NotFound(prog.clone()))?
+            .join(p)
+    } else {
+        which::which(&p).map_err(|_| HostError::NotFound(prog.clone()))?
+    };
+    if !found.exists() {
+        return Err(HostError::NotFound(prog.clone()));
     }
-    which::which(&p)
-        .and_then(|p| std::fs::canonicalize(p).map_err(|_| which::Error::CannotFindBinaryPath))
-        .map_err(|_| HostError::NotFound(prog.clone()))
+    Ok(found)
 }

@@ -215,3 +215,73 @@ pub fn assert_no_leftover_cgroups(warden_pid: u32) {
         assert!(left.is_empty(), "cgroups left behind: {left:?}");
     }
 }
+
+/// The repository root (the tests crate lives in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The project's Python venv with the MCP SDK (made by `cargo xtask setup`).
+pub fn venv_python() -> PathBuf {
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup` (it installs the MCP Python SDK)",
+        p.display()
+    );
+    p
+}
+
+/// The install tree of the venv's interpreter (sys.base_prefix).
+pub fn python_base_prefix() -> String {
+    let out = Command::new(venv_python())
+        .args(["-c", "import sys; print(sys.base_prefix)"])
+        .output()
+        .expect("run venv python");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Read rules for a Python MCP server from the venv and the fixtures.
+pub fn python_read_rules() -> String {
+    let root = repo_root();
+    let prefix = python_base_prefix();
+    base_read_rules(&[
+        &format!("{}/.venv/**", root.display()),
+        &format!("{prefix}/**"),
+        &format!("{}/tests/fixtures/**", root.display()),
+        "/etc/localtime",
+        "/etc/ssl/**",
+    ])
+}
+
+/// One step's result as printed by tests/fixtures/sdk/drive.py.
+pub fn sdk_drive(sc: &Scenario, steps: &Value, server: &[&str]) -> (Vec<Value>, Run) {
+    let drive = repo_root().join("tests/fixtures/sdk/drive.py");
+    let mut c = Command::new(venv_python());
+    c.arg(&drive)
+        .arg(steps.to_string())
+        .arg("--")
+        .arg(warden())
+        .arg("run")
+        .arg("--policy")
+        .arg(&sc.policy)
+        .arg("--events")
+        .arg(&sc.events)
+        .arg("--")
+        .args(server)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().expect("spawn drive.py");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait drive.py");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let run = sc.collect(pid, out);
+    (results, run)
+}
