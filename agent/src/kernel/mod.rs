@@ -2,13 +2,13 @@
 //! instance's cgroup, and keep the maps (instances, rules) in step with the
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::{collections::BTreeMap, os::fd::AsFd, path::Path};
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -17,6 +17,8 @@ use mcp_warden_common::{
 };
 
 use crate::policy::compile::CompiledNet;
+
+pub mod pin;
 
 /// The eBPF object built by agent/build.rs. Empty when the agent was built
 /// without bpf-linker.
@@ -51,6 +53,8 @@ pub enum KernelError {
     Tracefs(std::io::Error),
     #[error("link: {0}")]
     Link(#[from] LinkError),
+    #[error("{0}")]
+    Pin(#[from] pin::PinError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -72,9 +76,13 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// What an instance's cgroup has attached. Dropping it detaches everything.
+/// When pinned ([`pin`]), the links outlive the agent; dropping them then
+/// detaches only if [`CgroupLinks::release`] was called first.
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
+    pin_dir: Option<std::path::PathBuf>,
+    unpin_on_drop: bool,
 }
 
 impl CgroupLinks {
@@ -92,7 +100,10 @@ pub struct Capabilities {
 }
 
 pub struct Kernel {
-    ebpf: Ebpf,
+    /// The loaded object; None when the programs were reopened from pins.
+    ebpf: Option<Ebpf>,
+    /// Programs reopened from their pins by an agent that re-adopts.
+    pinned_programs: BTreeMap<&'static str, Program>,
     instances: HashMap<MapData, u64, InstanceState>,
     net4: LpmTrie<MapData, Net4Key, NetRule>,
     net6: LpmTrie<MapData, Net6Key, NetRule>,
@@ -153,6 +164,11 @@ impl Kernel {
     /// filter on the confined cgroups themselves); cgroup hooks are attached
     /// per instance by [`Kernel::attach_cgroup`].
     pub fn load() -> Result<Self, KernelError> {
+        Self::load_with(None)
+    }
+
+    /// [`Kernel::load`], pinning every map it opens under `pin_maps`.
+    pub(crate) fn load_with(pin_maps: Option<&Path>) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
@@ -209,47 +225,48 @@ impl Kernel {
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
-        let instances = HashMap::try_from(
-            ebpf.take_map(maps::INSTANCES)
-                .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
-        )
-        .map_err(map_err(maps::INSTANCES))?;
-        let net4 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET4_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET4_RULES))?,
-        )
-        .map_err(map_err(maps::NET4_RULES))?;
-        let net6 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET6_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET6_RULES))?,
-        )
-        .map_err(map_err(maps::NET6_RULES))?;
-        let unix = LpmTrie::try_from(
-            ebpf.take_map(maps::UNIX_RULES)
-                .ok_or(KernelError::MissingMap(maps::UNIX_RULES))?,
-        )
-        .map_err(map_err(maps::UNIX_RULES))?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(maps::STATS)
-                .ok_or(KernelError::MissingMap(maps::STATS))?,
-        )
-        .map_err(map_err(maps::STATS))?;
-        let events = RingBuf::try_from(
-            ebpf.take_map(maps::EVENTS)
-                .ok_or(KernelError::MissingMap(maps::EVENTS))?,
-        )
-        .map_err(map_err(maps::EVENTS))?;
-        Ok(Self {
+        let maps = Maps::open(&mut |name| {
+            let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+            if let Some(dir) = pin_maps {
+                pin::pin_map(&m, dir, name)?;
+            }
+            Ok(m)
+        })?;
+        Ok(Self::assemble(
+            Some(ebpf),
+            BTreeMap::new(),
+            maps,
+            tracepoints,
+            caps,
+        ))
+    }
+
+    fn assemble(
+        ebpf: Option<Ebpf>,
+        pinned_programs: BTreeMap<&'static str, Program>,
+        maps: Maps,
+        tracepoints: Vec<FdLink>,
+        caps: Capabilities,
+    ) -> Self {
+        Self {
             ebpf,
-            instances,
-            net4,
-            net6,
-            unix,
-            stats,
-            events: Some(events),
+            pinned_programs,
+            instances: maps.instances,
+            net4: maps.net4,
+            net6: maps.net6,
+            unix: maps.unix,
+            stats: maps.stats,
+            events: Some(maps.events),
             _tracepoints: tracepoints,
             caps,
-        })
+        }
+    }
+
+    fn program_mut(&mut self, name: &'static str) -> Option<&mut Program> {
+        match &mut self.ebpf {
+            Some(e) => e.program_mut(name),
+            None => self.pinned_programs.get_mut(name),
+        }
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -269,7 +286,6 @@ impl Kernel {
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = self
-                .ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
@@ -282,7 +298,6 @@ impl Kernel {
         }
         let name = programs::SOCK_CREATE;
         let p: &mut CgroupSock = self
-            .ebpf
             .program_mut(name)
             .ok_or(KernelError::MissingProgram(name))?
             .try_into()
@@ -292,7 +307,11 @@ impl Kernel {
             .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         links.push((name, FdLink::try_from(link)?));
-        Ok(CgroupLinks { links })
+        Ok(CgroupLinks {
+            links,
+            pin_dir: None,
+            unpin_on_drop: false,
+        })
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
@@ -389,5 +408,31 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
+    }
+}
+
+/// The maps the agent reads and writes, however they were opened.
+struct Maps {
+    instances: HashMap<MapData, u64, InstanceState>,
+    net4: LpmTrie<MapData, Net4Key, NetRule>,
+    net6: LpmTrie<MapData, Net6Key, NetRule>,
+    unix: LpmTrie<MapData, UnixKey, PathRule>,
+    stats: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+}
+
+impl Maps {
+    fn open(
+        take: &mut dyn FnMut(&'static str) -> Result<Map, KernelError>,
+    ) -> Result<Self, KernelError> {
+        Ok(Self {
+            instances: HashMap::try_from(take(maps::INSTANCES)?)
+                .map_err(map_err(maps::INSTANCES))?,
+            net4: LpmTrie::try_from(take(maps::NET4_RULES)?).map_err(map_err(maps::NET4_RULES))?,
+            net6: LpmTrie::try_from(take(maps::NET6_RULES)?).map_err(map_err(maps::NET6_RULES))?,
+            unix: LpmTrie::try_from(take(maps::UNIX_RULES)?).map_err(map_err(maps::UNIX_RULES))?,
+            stats: PerCpuArray::try_from(take(maps::STATS)?).map_err(map_err(maps::STATS))?,
+            events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
+        })
     }
 }
