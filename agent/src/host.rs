@@ -281,6 +281,13 @@ impl Host {
         self.backend
     }
 
+    /// Send a record to every sink (agent-level records).
+    pub fn emit(&self, rec: &serde_json::Value) {
+        if let Ok(mut s) = self.sinks.lock() {
+            s.emit(rec);
+        }
+    }
+
     /// Reopen the JSON-lines files (SIGHUP, after log rotation).
     pub fn reopen_logs(&self) {
         if let Ok(mut s) = self.sinks.lock() {

@@ -8,7 +8,10 @@
 //! - [`events`] (decode -> enrich -> sinks)
 //! - [`policy`] (parse -> validate -> compile to map entries)
 pub mod cli;
+pub mod config;
 pub mod confine;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod dns;
 pub mod events;

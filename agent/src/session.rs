@@ -165,6 +165,10 @@ impl Session {
         }
     }
 
+    pub fn instance_id(&self) -> u32 {
+        self.state.lock().map(|s| s.inst.instance_id).unwrap_or(0)
+    }
+
     /// The rule set the kernel uses for this instance.
     pub fn policy_id(&self) -> u32 {
         self.state.lock().map(|s| s.inst.policy_id).unwrap_or(0)
