@@ -21,4 +21,6 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod run;
+pub mod run_agent;
 pub mod session;
+pub mod status;
