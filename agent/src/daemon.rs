@@ -195,6 +195,7 @@ async fn run(cfg: Config) -> Result<(), DaemonError> {
         HostOptions {
             pin_root: Some(cfg.pin_root.clone()),
             cgroup_parent: cfg.cgroup_parent.clone(),
+            defer_events: true,
         },
     )?;
     let listener = srv::bind(&cfg.socket)?;
@@ -208,6 +209,7 @@ async fn run(cfg: Config) -> Result<(), DaemonError> {
         started: crate::events::now_rfc3339(),
     });
     let adopted = agent.adopt().await;
+    agent.host.start_events();
     log::info!(
         "agent ready on {} (backend {}, programs {}, {} instance(s) re-adopted)",
         agent.cfg.socket.display(),
@@ -291,7 +293,11 @@ fn dir_fingerprint(dir: &Path) -> Vec<(String, u64, i128)> {
                         .duration_since(std::time::UNIX_EPOCH)
                         .ok()?
                         .as_nanos() as i128;
-                    Some((e.file_name().to_string_lossy().into_owned(), md.len(), mtime))
+                    Some((
+                        e.file_name().to_string_lossy().into_owned(),
+                        md.len(),
+                        mtime,
+                    ))
                 })
                 .collect()
         })
@@ -358,12 +364,18 @@ pub fn check_agent_reachable(policy: &Policy, socket: &Path) -> Result<(), Strin
                     r.path() == g
                 };
                 if covers {
-                    let scope = tool.map(|t| format!("[tools.{t}.network]")).unwrap_or_else(|| "[network]".into());
+                    let scope = tool
+                        .map(|t| format!("[tools.{t}.network]"))
+                        .unwrap_or_else(|| "[network]".into());
                     return Err(format!(
                         "{}: {scope} unix rule {:?} covers the mcp-warden agent socket {g}; \
                          a confined server may never reach the agent",
                         policy.source,
-                        if r.is_subtree() { format!("{}/**", r.path().trim_end_matches('/')) } else { r.path().to_string() }
+                        if r.is_subtree() {
+                            format!("{}/**", r.path().trim_end_matches('/'))
+                        } else {
+                            r.path().to_string()
+                        }
                     ));
                 }
             }
@@ -444,7 +456,9 @@ impl Agent {
             .instance
             .as_ref()
             .ok_or("no instance: register or attach first")?;
-        let e = self.entry(name).ok_or_else(|| format!("no instance {name}"))?;
+        let e = self
+            .entry(name)
+            .ok_or_else(|| format!("no instance {name}"))?;
         self.may_act(peer, &e)?;
         Ok(e)
     }
@@ -750,7 +764,8 @@ impl Agent {
             return control::err("the instance's server is already placed");
         }
         match proc_parent_uid(pid) {
-            Some((ppid, ruid, euid)) if ppid == peer.pid && ruid == peer.uid && euid == peer.uid => {}
+            Some((ppid, ruid, euid))
+                if ppid == peer.pid && ruid == peer.uid && euid == peer.uid => {}
             Some((ppid, ruid, _)) => {
                 return control::err(format!(
                     "pid {pid} is not a child of the peer running as its uid \

@@ -85,6 +85,7 @@ pub struct Host {
     pins: Option<PinRoot>,
     cgroup_parent: String,
     adopted: bool,
+    events_gate: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// How the host loads and places things.
@@ -94,6 +95,8 @@ pub struct HostOptions {
     pub pin_root: Option<PathBuf>,
     /// Directory under the cgroup2 mount for the instance cgroups.
     pub cgroup_parent: String,
+    /// Hold the events back until [`Host::start_events`].
+    pub defer_events: bool,
 }
 
 impl Default for HostOptions {
@@ -101,6 +104,7 @@ impl Default for HostOptions {
         Self {
             pin_root: None,
             cgroup_parent: cgroup::PARENT.to_string(),
+            defer_events: false,
         }
     }
 }
@@ -139,8 +143,22 @@ impl Host {
                 None => log::debug!("event for unknown cgroup {}", ev.cgroup_id),
             }
         };
-        let reader = tokio::spawn(events::reader::run(ring, dispatch, control_rx));
+        // An adopting agent delivers nothing until it has re-registered the
+        // instances it adopts: the events the kernel kept in the ring buffer
+        // while no agent ran would otherwise find no session.
+        let (gate_tx, gate_rx) = oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            let _ = gate_rx.await;
+            events::reader::run(ring, dispatch, control_rx).await
+        });
+        let gate = if opts.defer_events {
+            Some(gate_tx)
+        } else {
+            let _ = gate_tx.send(());
+            None
+        };
         Ok(Self {
+            events_gate: Mutex::new(gate),
             kernel: Arc::new(Mutex::new(kernel)),
             sessions,
             sinks: Arc::new(Mutex::new(sinks)),
@@ -153,6 +171,15 @@ impl Host {
             cgroup_parent: opts.cgroup_parent,
             adopted,
         })
+    }
+
+    /// Start delivering events (after [`HostOptions::defer_events`]).
+    pub fn start_events(&self) {
+        if let Ok(mut g) = self.events_gate.lock() {
+            if let Some(tx) = g.take() {
+                let _ = tx.send(());
+            }
+        }
     }
 
     /// Did this host reopen a previous agent's pinned programs and maps?
@@ -190,7 +217,8 @@ impl Host {
 
     /// Never hand out an id at or below `max` (ids a previous agent used).
     pub fn reserve_ids(&self, max: u32) {
-        self.next_id.fetch_max(max.saturating_add(1), Ordering::Relaxed);
+        self.next_id
+            .fetch_max(max.saturating_add(1), Ordering::Relaxed);
     }
 
     /// Cgroup ids in the kernel's instance map.

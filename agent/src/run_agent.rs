@@ -19,9 +19,7 @@ use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    control::{
-        client::Client, response_error, CallDone, CallRef, ControlError, Request,
-    },
+    control::{client::Client, response_error, CallDone, CallRef, ControlError, Request},
     events::sink::{EventSink, JsonLinesFile, StderrDenials},
     policy,
     relay::{CallEnd, CallStart, HookError, RelayHooks, SessionInfo},
@@ -51,7 +49,10 @@ impl Link {
                 Ok(v) => return Ok(v),
                 Err(ControlError::Refused(e)) => return Err(ControlError::Refused(e)),
                 Err(e) => {
-                    log::warn!("{}: agent connection lost ({e}); reconnecting", self.instance);
+                    log::warn!(
+                        "{}: agent connection lost ({e}); reconnecting",
+                        self.instance
+                    );
                     *g = None;
                 }
             }
@@ -378,12 +379,11 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
 
     // The child's own connection for `place` (opened here, so the agent
     // sees us, its parent, as the peer; close-on-exec).
-    let place = std::os::unix::net::UnixStream::connect(sock).map_err(|source| {
-        ControlError::Connect {
+    let place =
+        std::os::unix::net::UnixStream::connect(sock).map_err(|source| ControlError::Connect {
             path: sock.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     let place_fd = place.as_raw_fd();
     let prefix = format!(
         "{{\"op\":\"place\",\"instance\":{},\"token\":{},\"pid\":",

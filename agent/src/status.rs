@@ -86,7 +86,11 @@ pub fn render_status(v: &Value) -> String {
             .filter(|(_, x)| x.as_bool() != Some(true))
             .map(|(k, _)| k.as_str())
             .collect();
-        out.push_str(&format!("hooks in force ({}): {}\n", on.len(), on.join(" ")));
+        out.push_str(&format!(
+            "hooks in force ({}): {}\n",
+            on.len(),
+            on.join(" ")
+        ));
         if !off.is_empty() {
             out.push_str(&format!("hooks NOT in force: {}\n", off.join(" ")));
         }
@@ -94,7 +98,10 @@ pub fn render_status(v: &Value) -> String {
     let insts = v["instances"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("instances: {}\n", insts.len()));
     for i in &insts {
-        let calls = i["calls_in_flight"].as_array().map(|a| a.len()).unwrap_or(0);
+        let calls = i["calls_in_flight"]
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(0);
         out.push_str(&format!(
             "  {}  server={} pid={} uid={} policy={} calls_in_flight={} clients={}\n",
             s(&i["instance"]),

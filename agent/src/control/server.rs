@@ -158,19 +158,12 @@ async fn connection<H: Handler>(
     };
     let (rd, mut wr) = stream.into_split();
     if let Some(why) = handler.refuse(&peer) {
-        log::warn!(
-            "control: refused pid {} uid {}: {why}",
-            peer.pid,
-            peer.uid
-        );
+        log::warn!("control: refused pid {} uid {}: {why}", peer.pid, peer.uid);
         let _ = write_value(&mut wr, &err(why)).await;
         return Ok(());
     }
     let mut rd = BufReader::new(rd);
-    let mut conn = Conn {
-        id,
-        instance: None,
-    };
+    let mut conn = Conn { id, instance: None };
     let mut buf = Vec::new();
     let res = loop {
         match read_line(&mut rd, &mut buf).await {

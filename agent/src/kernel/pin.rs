@@ -21,12 +21,12 @@ use aya::{
     maps::{Map, MapData},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupSock, CgroupSockAddr, CgroupSockAttachType, CgroupSockAddrAttachType, Program,
+        CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType, CgroupSockAttachType, Program,
     },
 };
 use mcp_warden_common::{programs, InstanceState};
 
-use super::{CgroupLinks, Capabilities, Kernel, KernelError, Maps, SOCK_ADDR_PROGRAMS};
+use super::{Capabilities, CgroupLinks, Kernel, KernelError, Maps, SOCK_ADDR_PROGRAMS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -189,8 +189,11 @@ impl PinRoot {
                     | nix::mount::MsFlags::MS_NOEXEC,
                 Some("mode=0700"),
             )
-            .map_err(|source| PinError::Mount { path: at, source })?;
-            log::info!("mounted bpffs at {}", self.root.display());
+            .map_err(|source| PinError::Mount {
+                path: at.clone(),
+                source,
+            })?;
+            log::info!("mounted bpffs at {}", at.display());
         }
         for d in [
             self.root.clone(),

@@ -1,0 +1,619 @@
+//! The agent as a service: a real `mcp-warden agent` (its own socket, pin
+//! root, cgroup parent and audit log, so it never collides with an installed
+//! one), real `mcp-warden run` clients (root and an unprivileged user), a
+//! confined mw-probe, kill -9 of the agent, restart and re-adoption.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use mcp_warden_tests::{base_read_rules, read_events, require_root, warden, TempDir};
+use serde_json::{json, Value};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_mw-probe");
+
+fn cgroup2() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .expect("cgroup2 mount")
+}
+
+/// A test agent. Drop kills it and removes its pins, cgroups and socket.
+struct Agent {
+    dir: TempDir,
+    config: PathBuf,
+    sock: PathBuf,
+    audit: PathBuf,
+    pin_root: PathBuf,
+    cgroup_parent: String,
+    policies: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Agent {
+    fn new(tag: &str, allow_user_policies: bool) -> Self {
+        require_root();
+        let dir = TempDir::new(tag);
+        let uniq = format!("mw-test-{tag}-{}", std::process::id());
+        let sock = dir.path().join("run/agent.sock");
+        let audit = dir.path().join("audit.jsonl");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("mkdir policies");
+        let pin_root = PathBuf::from("/sys/fs/bpf").join(&uniq);
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket = {:?}\nstate_dir = {:?}\npin_root = {:?}\npolicy_dir = {:?}\n\
+                 audit_log = {:?}\nallow_user_policies = {}\ncgroup_parent = {:?}\n\
+                 policy_poll_ms = 300\n",
+                sock,
+                dir.path().join("state"),
+                pin_root,
+                policies,
+                audit,
+                allow_user_policies,
+                uniq
+            ),
+        )
+        .expect("write config");
+        Self {
+            dir,
+            config,
+            sock,
+            audit,
+            pin_root,
+            cgroup_parent: uniq,
+            policies,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.path().join(format!("agent-{}.log", self.starts)))
+            .expect("agent log");
+        let child = Command::new(warden())
+            .arg("agent")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = self.try_status() {
+                if v["agent_pid"].as_u64() == self.child.as_ref().map(|c| c.id() as u64) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("agent-{}.log", self.starts)))
+            .unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(warden());
+        c.env("MCP_WARDEN_SOCKET", &self.sock);
+        c
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        let out = self.cmd().args(["status", "--json"]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status failed; agent log:\n{}", self.log()))
+    }
+
+    fn policy(&self, name: &str, connect: &str) {
+        std::fs::write(
+            self.policies.join(format!("{name}.toml")),
+            format!(
+                "version = 1\nserver = {name:?}\n\n[files]\n{}\n\n[network]\nconnect = [{connect:?}]\n",
+                base_read_rules(&[])
+            ),
+        )
+        .expect("write policy");
+    }
+
+    /// Events in the audit log matching every pair.
+    fn events(&self, pairs: &[(&str, Value)]) -> Vec<Value> {
+        read_events(&self.audit)
+            .into_iter()
+            .filter(|e| pairs.iter().all(|(k, v)| e.get(*k) == Some(v)))
+            .collect()
+    }
+
+    /// Wait until the audit log has at least `n` events matching `pairs`.
+    fn wait_events(&self, n: usize, pairs: &[(&str, Value)]) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ev = self.events(pairs);
+            if ev.len() >= n {
+                return ev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} events matching {pairs:?}, got {}:\n{:#?}\nagent log:\n{}",
+                ev.len(),
+                read_events(&self.audit),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ids of the BPF programs the agent process holds fds to.
+    fn held_prog_ids(&self) -> BTreeSet<u32> {
+        let mut ids = BTreeSet::new();
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        for e in std::fs::read_dir(&dir).expect("fdinfo").flatten() {
+            let Ok(s) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            if !s.lines().any(|l| l.starts_with("prog_type:")) {
+                continue;
+            }
+            if let Some(id) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+            {
+                ids.insert(id);
+            }
+        }
+        ids
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        // End whatever is left in the test's instance cgroups, remove them.
+        let parent = cgroup2().join(&self.cgroup_parent);
+        if let Ok(rd) = std::fs::read_dir(&parent) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                    for _ in 0..100 {
+                        if std::fs::remove_dir(e.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&parent);
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+/// A `mcp-warden run` whose stdout lines arrive on a channel.
+struct RunClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl RunClient {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn run");
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Let the probe past one `wait-stdin` (which prints `ok`) and return
+    /// the line of the op after it.
+    fn step(&mut self) -> String {
+        let w = self.stdin.as_mut().expect("stdin open");
+        w.write_all(b"go\n").expect("write stdin");
+        w.flush().expect("flush");
+        assert_eq!(self.next_line(), "ok", "wait-stdin");
+        self.next_line()
+    }
+
+    fn next_line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a line from the probe")
+    }
+
+    fn wait(mut self) -> i32 {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "run did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn closed_port() -> u16 {
+    // A port nobody listens on: bind, read the port, close.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn instances(status: &Value) -> Vec<Value> {
+    status["instances"].as_array().cloned().unwrap_or_default()
+}
+
+fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn survives_kill9_and_readopts() {
+    let mut agent = Agent::new("readopt", false);
+    agent.policy("probe", "127.0.0.1:1");
+    agent.start();
+    let st = agent.status();
+    assert_eq!(st["programs"], "loaded", "{st:#}");
+    let first_progs = agent.held_prog_ids();
+    assert!(!first_progs.is_empty());
+
+    let port = closed_port();
+    let target = format!("127.0.0.1:{port}");
+    let mut cmd = agent.cmd();
+    cmd.args(["run", "--server", "probe", "--", PROBE]);
+    for _ in 0..4 {
+        cmd.args(["wait-stdin", ";", "tcp-connect", &target, ";"]);
+    }
+    cmd.arg("wait-stdin");
+    let mut run = RunClient::spawn(cmd);
+
+    // 1. Agent up: the connect is denied in the kernel, and reported.
+    assert_eq!(run.step(), "errno=1");
+    let inst = instances(&agent.status());
+    assert_eq!(inst.len(), 1, "{inst:#?}");
+    let name = inst[0]["instance"].as_str().expect("name").to_string();
+    assert!(inst[0]["policy_source"]
+        .as_str()
+        .expect("source")
+        .starts_with("file:"));
+    let deny = [
+        ("kind", json!("net")),
+        ("decision", json!("deny")),
+        ("instance", json!(name)),
+        ("port", json!(port)),
+    ];
+    agent.wait_events(1, &deny);
+
+    // 2. kill -9: the links and maps stay in bpffs, the server stays confined.
+    agent.kill9();
+    assert_eq!(run.step(), "errno=1", "denied while no agent runs");
+
+    // 3. Restart: the instance is re-adopted, no program is loaded again,
+    //    and denials produce events again.
+    agent.start();
+    let st = agent.status();
+    assert_eq!(st["programs"], "adopted", "{st:#}");
+    let inst = instances(&st);
+    assert_eq!(inst.len(), 1, "re-adopted instance in status: {st:#}");
+    assert_eq!(inst[0]["instance"], json!(name));
+    let second_progs = agent.held_prog_ids();
+    assert!(
+        second_progs.is_subset(&first_progs),
+        "the restarted agent holds programs the first did not load: {second_progs:?} vs {first_progs:?}"
+    );
+    let before = agent.events(&deny).len();
+    assert_eq!(run.step(), "errno=1");
+    agent.wait_events(before + 1, &deny);
+    // The denial that happened while no agent ran was kept in the ring
+    // buffer and delivered after the restart.
+    assert!(agent.events(&deny).len() >= 3, "{:#?}", agent.events(&deny));
+
+    // 4. The run client re-identified its instance with its token.
+    wait_for("the run client to re-attach", || {
+        instances(&agent.status())
+            .first()
+            .map(|i| i["clients_attached"] == json!(1))
+            .unwrap_or(false)
+    });
+    assert!(!agent
+        .events(&[
+            ("event", json!("client_attached")),
+            ("instance", json!(name))
+        ])
+        .is_empty());
+
+    // 5. The server ends: the instance is torn down, nothing is left.
+    assert_eq!(run.step(), "errno=1");
+    let w = run.stdin.as_mut().expect("stdin");
+    w.write_all(b"go\n").expect("write");
+    assert_eq!(run.next_line(), "ok");
+    assert_eq!(run.wait(), 0);
+    wait_for("the instance to go away", || {
+        instances(&agent.status()).is_empty()
+    });
+    agent.wait_events(1, &[("event", json!("exited")), ("instance", json!(name))]);
+    let left: Vec<_> = std::fs::read_dir(cgroup2().join(&agent.cgroup_parent))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    let pinned: Vec<_> = std::fs::read_dir(agent.pin_root.join("instances"))
+        .expect("pins")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(pinned.is_empty(), "instance pins left: {pinned:?}");
+}
+
+#[test]
+fn unprivileged_user_runs_through_the_agent() {
+    let mut agent = Agent::new("user", false);
+    agent.policy("userprobe", "127.0.0.1:1");
+    agent.start();
+    let port = closed_port();
+    let target = format!("127.0.0.1:{port}");
+    let run = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(warden())
+        .env("MCP_WARDEN_SOCKET", &agent.sock)
+        .args([
+            "run",
+            "--server",
+            "userprobe",
+            "--",
+            PROBE,
+            "tcp-connect",
+            &target,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run as nobody");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "stdout {stdout}\nstderr {stderr}\nagent:\n{}",
+        agent.log()
+    );
+    assert_eq!(stdout.trim(), "errno=1", "stderr {stderr}");
+    assert!(stderr.contains("DENY net connect"), "{stderr}");
+
+    // The denial, as `mcp-warden events` prints it.
+    agent.wait_events(
+        1,
+        &[("server", json!("userprobe")), ("decision", json!("deny"))],
+    );
+    let ev = agent
+        .cmd()
+        .args(["events", "--server", "userprobe", "--log"])
+        .arg(&agent.audit)
+        .output()
+        .expect("events");
+    let lines: Vec<Value> = String::from_utf8_lossy(&ev.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let deny: Vec<&Value> = lines
+        .iter()
+        .filter(|e| e["decision"] == "deny" && e["kind"] == "net")
+        .collect();
+    assert_eq!(deny.len(), 1, "{lines:#?}");
+    assert_eq!(deny[0]["uid"], 65534);
+    assert_eq!(deny[0]["port"], port);
+    assert_eq!(deny[0]["errno"], 1);
+    assert!(deny[0]["policy_source"]
+        .as_str()
+        .expect("source")
+        .starts_with(&format!("file:{}", agent.policies.display())));
+    assert!(lines.iter().all(|e| e["server"] == "userprobe"));
+
+    // A user's own policy is refused unless the agent config allows it.
+    let own = agent.dir.path().join("own.toml");
+    std::fs::write(&own, "version = 1\nserver = \"own\"\n").expect("write");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(warden())
+        .env("MCP_WARDEN_SOCKET", &agent.sock)
+        .arg("run")
+        .arg("--policy")
+        .arg(&own)
+        .args(["--", PROBE, "exit", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not accept user policies"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without an agent, a non-root run is a clear error, not a silent
+    // unconfined start.
+    agent.kill9();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(warden())
+        .env("MCP_WARDEN_SOCKET", &agent.sock)
+        .args(["run", "--server", "userprobe", "--", PROBE, "exit", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no mcp-warden agent answers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn user_policies_recorded_and_agent_socket_unreachable() {
+    let mut agent = Agent::new("userpol", true);
+    agent.start();
+    let own = agent.dir.path().join("own.toml");
+    std::fs::write(
+        &own,
+        format!(
+            "version = 1\nserver = \"own\"\n[files]\n{}\n",
+            base_read_rules(&[])
+        ),
+    )
+    .expect("write");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(warden())
+        .env("MCP_WARDEN_SOCKET", &agent.sock)
+        .arg("run")
+        .arg("--policy")
+        .arg(&own)
+        .args(["--", PROBE, "tcp-connect", "127.0.0.1:1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = agent.wait_events(1, &[("server", json!("own")), ("decision", json!("deny"))]);
+    assert_eq!(
+        ev[0]["policy_source"],
+        json!(format!("user:65534:{}", own.display()))
+    );
+
+    // A policy that would let the server reach the agent is refused.
+    let bad = agent.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "version = 1\nserver = \"bad\"\n[network]\nunix = [\"{}/**\"]\n",
+            agent.sock.parent().expect("dir").display()
+        ),
+    )
+    .expect("write");
+    let out = agent
+        .cmd()
+        .arg("run")
+        .arg("--policy")
+        .arg(&bad)
+        .args(["--", PROBE, "exit", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("covers the mcp-warden agent socket"), "{err}");
+}
+
+#[test]
+fn confined_process_gets_nothing_from_the_socket() {
+    let mut agent = Agent::new("confpeer", true);
+    // The policy allows the unix connect itself only as far as a policy can
+    // (it cannot name the agent's socket): the control socket refuses the
+    // peer by its cgroup.
+    agent.policy("peer", "127.0.0.1:1");
+    agent.start();
+    let sock = agent.sock.display().to_string();
+    let out = agent
+        .cmd()
+        .args([
+            "run",
+            "--server",
+            "peer",
+            "--",
+            PROBE,
+            "unix-connect",
+            &sock,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Either the kernel refuses the connect (unix hook), or the agent
+    // answers with a refusal and closes; it never serves the peer.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = agent.log();
+    assert!(
+        stdout.trim() != "ok" || log.contains("refused pid"),
+        "stdout {stdout}\nlog {log}"
+    );
+}
