@@ -297,7 +297,7 @@ async fn follow_events(
 
 pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
     let (prog, rest) = args.cmd.split_first().ok_or(RunError::NoCommand)?;
-    let cmd_path = crate::host::resolve_command(prog).map_err(crate::host::HostError::from)?;
+    let cmd_path = crate::host::resolve_command(prog)?;
     let mut conn = Client::connect(sock).await?;
     let (policy_text, policy_path) = match &args.policy {
         Some(p) => {
