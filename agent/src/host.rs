@@ -139,10 +139,9 @@ impl Host {
         let Ok(k) = self.kernel.lock() else { return };
         if let Ok(lost) = k.lost() {
             for (i, n) in lost.iter().enumerate() {
-                let name = events::kind_name(i as u32);
-                if name == "unknown" {
+                let Some(name) = events::lost_kind_name(i as u32) else {
                     continue;
-                }
+                };
                 let c = self.metrics.events_lost.with_label_values(&[name]);
                 let cur = c.get();
                 if *n > cur {
@@ -185,6 +184,7 @@ impl Host {
         let mut info = info;
         info.instance = name.clone();
         info.backend = self.backend.to_string();
+        let (account_tx, account_rx) = tokio::sync::mpsc::unbounded_channel();
         let session = Arc::new(Session::new(
             self.kernel.clone(),
             cg.id(),
@@ -195,7 +195,9 @@ impl Host {
             info,
             self.sinks.clone(),
             self.metrics.clone(),
+            account_tx,
         )?);
+        let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
         let links = {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
             k.install_net(&net, None)?;
@@ -294,6 +296,7 @@ impl Host {
             net,
             child,
             dns_task,
+            accountant: Some(accountant),
         })
     }
 
@@ -319,6 +322,12 @@ impl Host {
         }
         self.drain().await;
         self.refresh_lost();
+        if let Some(t) = inst.accountant.take() {
+            t.abort();
+        }
+        // Last syscall counts, and the records of calls still waiting on them.
+        let s = inst.session.clone();
+        let _ = tokio::task::spawn_blocking(move || s.account(true)).await;
         inst.session
             .record("server", json!({"event": "exited", "status": status}));
         drop(inst.links.take());
@@ -364,6 +373,7 @@ pub struct Instance {
     net: compile::CompiledNet,
     pub child: tokio::process::Child,
     dns_task: Option<tokio::task::JoinHandle<()>>,
+    accountant: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Instance {

@@ -183,15 +183,17 @@ async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
             }
         }
     };
-    // The server is gone: end what is left of its tree, then let the relay
-    // flush what the server wrote before it exited.
-    host.finish(inst, code).await?;
+    // The server is gone: end what is left of its tree (so nothing holds
+    // its stdout open), let the relay flush what the server wrote and end
+    // the calls still in flight, then remove the instance.
+    inst.session.kill_tree("the server exited");
     match tokio::time::timeout(std::time::Duration::from_secs(5), relay).await {
         Ok(Ok(Ok(_))) => {}
         Ok(Ok(Err(e))) => log::warn!("relay: {e}"),
         Ok(Err(e)) => log::warn!("relay task: {e}"),
         Err(_) => log::warn!("relay did not finish within 5 s after the server exited"),
     }
+    host.finish(inst, code).await?;
     Ok(code)
 }
 

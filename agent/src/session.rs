@@ -7,7 +7,7 @@
 //! relay forwards the request only once the tool's rights are in force.
 //! `call_end` withdraws them before the relay forwards the response.
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -48,6 +48,20 @@ struct State {
     in_flight: Vec<InFlight>,
     /// (epoch, calls in flight during it), oldest first.
     history: VecDeque<(u64, Vec<(Value, String)>)>,
+    /// Syscall accounting of calls in flight or ended and not yet drained,
+    /// keyed by the call id's JSON text.
+    acct: HashMap<String, CallAcct>,
+}
+
+/// A call's syscall counts while they are being gathered from the kernel.
+#[derive(Debug)]
+struct CallAcct {
+    tool: String,
+    counts: BTreeMap<u32, u64>,
+    /// Another call was in flight during some of it: counts are shared.
+    shared: bool,
+    /// Set when the call ended: its record, and the epoch it ended at.
+    ended: Option<(u64, ToolCallRecord)>,
 }
 
 /// Shared between the relay, the event reader and the signal handler.
@@ -60,6 +74,7 @@ pub struct Session {
     state: Mutex<State>,
     sinks: Arc<Mutex<Sinks>>,
     metrics: Metrics,
+    account_tx: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 impl std::fmt::Debug for Session {
@@ -84,6 +99,7 @@ impl Session {
         info: InstanceInfo,
         sinks: Arc<Mutex<Sinks>>,
         metrics: Metrics,
+        account_tx: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Self, SessionError> {
         let mut fl = 0;
         if policy.mode == Mode::Audit {
@@ -116,9 +132,11 @@ impl Session {
                 inst,
                 in_flight: Vec::new(),
                 history,
+                acct: HashMap::new(),
             }),
             sinks,
             metrics,
+            account_tx,
         })
     }
 
@@ -182,8 +200,18 @@ impl Session {
             bit: self.policy.tool_bit(tool).unwrap_or(0),
             started: Instant::now(),
         });
+        st.acct.insert(
+            id.to_string(),
+            CallAcct {
+                tool: tool.to_string(),
+                counts: BTreeMap::new(),
+                shared: false,
+                ended: None,
+            },
+        );
         if let Err(e) = self.publish(&mut st) {
             st.in_flight.retain(|c| &c.id != id);
+            st.acct.remove(&id.to_string());
             return Err(e);
         }
         Ok(())
@@ -213,6 +241,104 @@ impl Session {
         })
     }
 
+    /// The call ended (its rights are already withdrawn): keep its record
+    /// until its syscall counts are drained from the kernel by
+    /// [`Session::account`], which emits it.
+    pub fn call_finished(&self, rec: ToolCallRecord) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let epoch = st.inst.epoch;
+        match st.acct.get_mut(&rec.call_id.to_string()) {
+            Some(a) => a.ended = Some((epoch, rec)),
+            None => {
+                drop(st);
+                self.emit_call(rec);
+            }
+        }
+    }
+
+    /// Drain the syscall counters of every epoch that can no longer grow,
+    /// attribute them to the calls in flight during each epoch (exact when
+    /// alone, shared otherwise, "(idle)" when none), and emit the records of
+    /// calls whose counts are complete. `all`: the instance has ended.
+    pub fn account(&self, all: bool) {
+        let before = match self.state.lock() {
+            Ok(st) => st.inst.epoch,
+            Err(_) => return,
+        };
+        let drained = match self.kernel.lock() {
+            Ok(mut k) => k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+            Err(_) => return,
+        };
+        let drained = match drained {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("{}: reading syscall counters: {e}", self.info.instance);
+                Vec::new()
+            }
+        };
+        let mut idle: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut done = Vec::new();
+        {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            for (epoch, nr, n) in drained {
+                let calls = st
+                    .history
+                    .binary_search_by_key(&epoch, |(e, _)| *e)
+                    .ok()
+                    .map(|i| st.history[i].1.clone())
+                    .unwrap_or_default();
+                if calls.is_empty() {
+                    *idle.entry(nr).or_default() += n;
+                }
+                let shared = calls.len() > 1;
+                for (id, _) in &calls {
+                    if let Some(a) = st.acct.get_mut(&id.to_string()) {
+                        *a.counts.entry(nr).or_default() += n;
+                        a.shared |= shared;
+                    }
+                }
+            }
+            let finished: Vec<String> = st
+                .acct
+                .iter()
+                .filter(|(_, a)| a.ended.as_ref().is_some_and(|(e, _)| all || *e <= before))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in finished {
+                if let Some(a) = st.acct.remove(&k) {
+                    done.push(a);
+                }
+            }
+        }
+        for (nr, n) in &idle {
+            self.metrics
+                .tool_syscalls
+                .with_label_values(&[self.info.server.as_str(), "(idle)", &syscall_name(*nr)])
+                .inc_by(*n);
+        }
+        for a in done {
+            let Some((_, mut rec)) = a.ended else {
+                continue;
+            };
+            let mut m = serde_json::Map::new();
+            for (nr, n) in &a.counts {
+                let name = syscall_name(*nr);
+                self.metrics
+                    .tool_syscalls
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, &name])
+                    .inc_by(*n);
+                m.insert(name, serde_json::json!(n));
+            }
+            rec.syscalls = Some(m);
+            rec.syscalls_shared = a.shared;
+            self.emit_call(rec);
+        }
+    }
+
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
@@ -232,6 +358,10 @@ impl Session {
             s.emit(&rec);
         }
         if ev.decision == decision::DENY && self.policy.on_violation == OnViolation::Kill {
+            log::warn!(
+                "{}: killing the server tree (on_violation = kill)",
+                self.info.instance
+            );
             self.kill_tree("on_violation = kill");
         }
     }
@@ -240,13 +370,17 @@ impl Session {
     pub fn kill_tree(&self, why: &str) {
         let kill = self.cgroup_path.join("cgroup.kill");
         match std::fs::write(&kill, b"1") {
-            Ok(()) => log::warn!("{}: killed the server tree ({why})", self.info.instance),
+            Ok(()) => log::debug!("{}: ended the server tree ({why})", self.info.instance),
             Err(e) => log::error!("{}: writing {}: {e}", self.info.instance, kill.display()),
         }
     }
 
     /// Record a finished (or refused) tool call.
-    pub fn record_call(&self, c: &ToolCallRecord) {
+    pub fn emit_call(&self, c: ToolCallRecord) {
+        self.record_call(&c);
+    }
+
+    fn record_call(&self, c: &ToolCallRecord) {
         let label = if self.policy.tool_allowed(&c.tool) || c.outcome != "refused" {
             c.tool.clone()
         } else {
@@ -320,17 +454,20 @@ impl crate::relay::RelayHooks for Session {
                 self.info.instance
             );
         }
-        self.record_call(&ToolCallRecord {
+        self.call_finished(ToolCallRecord {
             tool: call.tool.clone(),
             call_id: id,
             outcome: call.outcome.as_str(),
             duration_ms: call.duration.as_secs_f64() * 1000.0,
             args_hash: Some(call.args_hash.clone()),
             syscalls: None,
+            syscalls_shared: false,
             reason: call.detail.clone(),
             request_bytes: call.request_bytes,
             response_bytes: call.response_bytes,
         });
+        // Counting happens off the relay's path.
+        let _ = self.account_tx.send(());
         async {}
     }
 
@@ -342,6 +479,7 @@ impl crate::relay::RelayHooks for Session {
             duration_ms: 0.0,
             args_hash: Some(call.args_hash.clone()),
             syscalls: None,
+            syscalls_shared: false,
             reason: Some(reason.to_string()),
             request_bytes: call.request_bytes,
             response_bytes: 0,
@@ -360,5 +498,29 @@ impl crate::relay::RelayHooks for Session {
                 "server_version": info.server_version,
             }),
         );
+    }
+}
+
+/// The syscall's name on this architecture ("nr_N" when unknown).
+pub fn syscall_name(nr: u32) -> String {
+    match syscalls::Sysno::new(nr as usize) {
+        Some(s) => s.name().to_string(),
+        None => format!("nr_{nr}"),
+    }
+}
+
+/// Runs [`Session::account`] whenever a call ends, off the relay's path
+/// (draining the counters is a few hundred map syscalls).
+pub async fn run_accountant(
+    session: Arc<Session>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    while rx.recv().await.is_some() {
+        // Coalesce bursts of call ends into one drain.
+        while rx.try_recv().is_ok() {}
+        let s = session.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.account(false)).await {
+            log::error!("syscall accounting task: {e}");
+        }
     }
 }

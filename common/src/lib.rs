@@ -229,8 +229,11 @@ pub mod kind {
     pub const FILE: u32 = 2;
     pub const EXEC: u32 = 3;
     pub const PROC: u32 = 4;
+    /// Not an event kind: syscall counts the kernel could not record
+    /// (counter map full).
+    pub const SYSCALL: u32 = 5;
     /// Number of stats slots (index = kind).
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Decision carried in events.
@@ -302,11 +305,14 @@ impl Default for Event {
     }
 }
 
-/// Key of the per-instance syscall counters.
+/// Key of the per-instance syscall counters. Counts are tagged with the
+/// instance's call epoch, so userspace can tell which calls were in flight
+/// when each syscall was made, without snapshots on the relay's hot path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SyscallKey {
     pub cgroup_id: u64,
+    pub epoch: u64,
     pub nr: u32,
     pub _pad: u32,
 }
@@ -320,7 +326,7 @@ const _: () = assert!(core::mem::size_of::<NetRule>() == 8 + 16 * MAX_PORT_RULES
 const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
 const _: () = assert!(core::mem::size_of::<PathRule>() == 16);
 const _: () = assert!(core::mem::size_of::<Event>() == 80 + 16 + COMM_LEN + EVENT_PATH_LEN);
-const _: () = assert!(core::mem::size_of::<SyscallKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SyscallKey>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

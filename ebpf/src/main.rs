@@ -10,6 +10,7 @@ mod event;
 mod maps;
 mod net;
 mod proc;
+mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -111,3 +111,26 @@ fn a_tool_right_holds_only_during_its_own_calls() {
         .expect("compute tool_call record");
     assert_eq!(compute_call["call_id"], compute["call_id"]);
 }
+
+#[test]
+fn syscall_counts_per_call_match_the_workload() {
+    let sc = Scenario::new("syscalls", &policy(9));
+    let steps = json!([
+        {"tool": "getppid_loop", "args": {"n": 1000}},
+        {"tool": "getppid_loop", "args": {"n": 250}},
+    ]);
+    let cmd = server_cmd();
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (results, run) = sdk_drive(&sc, &steps, &cmd);
+    assert_eq!(results.len(), 2, "{results:#?} {run:?}");
+    let calls = run.events_where(&[
+        ("kind", json!("tool_call")),
+        ("tool", json!("getppid_loop")),
+    ]);
+    let counts: Vec<u64> = calls
+        .iter()
+        .map(|c| c["syscalls"]["getppid"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(counts, vec![1000, 250], "{calls:#?}");
+    assert!(calls.iter().all(|c| c["syscalls_shared"] == false));
+}

@@ -96,6 +96,18 @@ pub fn open_access(flags: u32) -> String {
     v.join(",")
 }
 
+/// Label of a kernel stats slot in `mcp_warden_events_lost_total{kind}`.
+pub fn lost_kind_name(slot: u32) -> Option<&'static str> {
+    match slot {
+        kind::NET => Some("net"),
+        kind::FILE => Some("file"),
+        kind::EXEC => Some("exec"),
+        kind::PROC => Some("process"),
+        kind::SYSCALL => Some("syscall_count"),
+        _ => None,
+    }
+}
+
 /// The tool call(s) a kernel event happened in.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Attribution {
@@ -266,6 +278,9 @@ pub struct ToolCallRecord {
     pub duration_ms: f64,
     pub args_hash: Option<String>,
     pub syscalls: Option<Map<String, Value>>,
+    /// Other calls were in flight during part of this one: the counts of
+    /// those stretches are shared by every call in flight.
+    pub syscalls_shared: bool,
     pub reason: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -288,6 +303,7 @@ pub fn tool_call_record(info: &InstanceInfo, c: &ToolCallRecord) -> Value {
         "syscalls".into(),
         c.syscalls.clone().map(Value::Object).unwrap_or(Value::Null),
     );
+    m.insert("syscalls_shared".into(), json!(c.syscalls_shared));
     m.insert("request_bytes".into(), json!(c.request_bytes));
     m.insert("response_bytes".into(), json!(c.response_bytes));
     if let Some(r) = &c.reason {

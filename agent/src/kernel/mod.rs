@@ -5,15 +5,15 @@
 use std::{collections::BTreeMap, os::fd::AsFd};
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey,
+    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey, UnixKey,
 };
 
 use crate::policy::compile::CompiledNet;
@@ -98,6 +98,7 @@ pub struct Kernel {
     net6: LpmTrie<MapData, Net6Key, NetRule>,
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
     caps: Capabilities,
@@ -209,6 +210,25 @@ impl Kernel {
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
+        // Per-instance syscall counters (tagged with the call epoch).
+        {
+            let name = programs::SYS_ENTER;
+            let p: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            let id = p.attach("sys_enter").map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            tracepoints.push(FdLink::from(link));
+            caps.hooks.insert(name, true);
+        }
+        let syscalls = PerCpuHashMap::try_from(
+            ebpf.take_map(maps::SYSCALLS)
+                .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
+        )
+        .map_err(map_err(maps::SYSCALLS))?;
         let instances = HashMap::try_from(
             ebpf.take_map(maps::INSTANCES)
                 .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
@@ -246,6 +266,7 @@ impl Kernel {
             net6,
             unix,
             stats,
+            syscalls,
             events: Some(events),
             _tracepoints: tracepoints,
             caps,
@@ -369,6 +390,32 @@ impl Kernel {
                 .map_err(map_err(maps::UNIX_RULES))?;
         }
         Ok(())
+    }
+
+    /// Take the syscall counts of `cgroup_id` for every epoch before
+    /// `before_epoch` (epochs that can no longer grow) out of the kernel:
+    /// (epoch, syscall nr, count summed over CPUs). `None` takes them all.
+    pub fn drain_syscalls(
+        &mut self,
+        cgroup_id: u64,
+        before_epoch: Option<u64>,
+    ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
+        let keys: Vec<SyscallKey> = self
+            .syscalls
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b))
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.syscalls.get(&k, 0) {
+                Ok(v) => out.push((k.epoch, k.nr, v.iter().sum())),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(maps::SYSCALLS)(e)),
+            }
+            ignore_missing(self.syscalls.remove(&k)).map_err(map_err(maps::SYSCALLS))?;
+        }
+        Ok(out)
     }
 
     /// Events the kernel could not deliver, per kind index, summed over CPUs.
