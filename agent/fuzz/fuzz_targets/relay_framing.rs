@@ -2,7 +2,7 @@
 //!
 //! Properties: the frames' bytes concatenate to exactly the input, whatever
 //! the read sizes and parse limit; a parsed line is within the limit and holds
-//! no inner `\n`; the classifier and the result readers never panic.
+//! no inner `\n`; the classifier, its lenient second try and the result readers never panic.
 //!
 //! The two modules are compiled from the agent's own source files rather than
 //! through the `mcp-warden` crate, whose build pulls in aya and the eBPF
@@ -27,7 +27,17 @@ fn classify_all(line: &[u8]) {
     let msgs = match jsonrpc::classify(line) {
         Classified::Single(m) => vec![m],
         Classified::Batch(ms) => ms,
-        Classified::NotMcp => return,
+        Classified::NotMcp => {
+            // The relay's second try; the copy must not grow a newline.
+            if let Some(copy) = jsonrpc::lenient_copy(line) {
+                assert_eq!(
+                    copy.iter().filter(|&&b| b == b'\n').count(),
+                    line.iter().filter(|&&b| b == b'\n').count()
+                );
+                let _ = jsonrpc::classify(&copy);
+            }
+            return;
+        }
     };
     for m in msgs {
         if let Message::Response {

@@ -219,6 +219,99 @@ pub fn classify(line: &[u8]) -> Classified<'_> {
     }
 }
 
+/// A strict-JSON copy of a line that serde_json rejects but a lenient server
+/// parser may accept, for classification only (the original bytes are what
+/// gets forwarded). `None` when the copy would not differ.
+///
+/// What it smooths over, each accepted by a common server stack:
+/// - invalid UTF-8 (Node's `Buffer.toString("utf8")` then `JSON.parse`):
+///   replaced with U+FFFD, as Node does;
+/// - lone UTF-16 surrogate escapes such as `\ud800` (`JSON.parse`, Python):
+///   replaced with `\ufffd`;
+/// - `NaN`, `Infinity`, `-Infinity` outside strings (Python's `json`):
+///   replaced with `null`;
+/// - vertical tab and form feed outside strings (servers that `strip()`
+///   lines): replaced with spaces.
+///
+/// Without this, a `tools/call` of a refused tool could reach such a server
+/// unchecked by dressing its arguments in one of these forms.
+pub fn lenient_copy(line: &[u8]) -> Option<Vec<u8>> {
+    let text = String::from_utf8_lossy(line);
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let mut in_string = false;
+    while i < b.len() {
+        let c = b[i];
+        if in_string {
+            match c {
+                b'"' => {
+                    in_string = false;
+                    out.push(c);
+                    i += 1;
+                }
+                b'\\' if b.get(i + 1) == Some(&b'u') => {
+                    let unit = hex4(b, i + 2);
+                    match unit {
+                        Some(0xd800..=0xdbff) => {
+                            let low = (b.get(i + 6) == Some(&b'\\') && b.get(i + 7) == Some(&b'u'))
+                                .then(|| hex4(b, i + 8))
+                                .flatten();
+                            if matches!(low, Some(0xdc00..=0xdfff)) {
+                                out.extend_from_slice(&b[i..i + 12]);
+                                i += 12;
+                            } else {
+                                out.extend_from_slice(b"\\ufffd");
+                                i += 6;
+                            }
+                        }
+                        Some(0xdc00..=0xdfff) => {
+                            out.extend_from_slice(b"\\ufffd");
+                            i += 6;
+                        }
+                        _ => {
+                            out.extend_from_slice(&b[i..(i + 2).min(b.len())]);
+                            i += 2;
+                        }
+                    }
+                }
+                b'\\' => {
+                    out.extend_from_slice(&b[i..(i + 2).min(b.len())]);
+                    i += 2;
+                }
+                _ => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        } else if c == b'"' {
+            in_string = true;
+            out.push(c);
+            i += 1;
+        } else if c == 0x0b || c == 0x0c {
+            out.push(b' ');
+            i += 1;
+        } else if let Some(n) = [&b"-Infinity"[..], b"Infinity", b"NaN"]
+            .iter()
+            .find(|w| b[i..].starts_with(w))
+            .map(|w| w.len())
+        {
+            out.extend_from_slice(b"null");
+            i += n;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    (out != line).then_some(out)
+}
+
+fn hex4(b: &[u8], at: usize) -> Option<u32> {
+    let digits = b.get(at..at + 4)?;
+    let s = std::str::from_utf8(digits).ok()?;
+    u32::from_str_radix(s, 16).ok()
+}
+
 /// An object's keys with the raw text of their values; last duplicate wins.
 struct Obj<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
@@ -710,6 +803,41 @@ mod tests {
             b"{} x",
         ] {
             assert!(matches!(classify(bad), Classified::NotMcp), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lenient_copy_makes_what_lenient_parsers_accept_classifiable() {
+        let cases: [&[u8]; 5] = [
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"x\":\"\xff\xfe\"}}}\n",
+            br#"{"\ud800":0,"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}}"#,
+            br#"{"\udc00\ud800\ud800":1,"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm","arguments":{"x":[NaN,-Infinity,Infinity]}}}"#,
+            b"\x0c{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\"}}\x0b",
+        ];
+        for line in cases {
+            assert!(
+                matches!(classify(line), Classified::NotMcp),
+                "strict rejects {line:?}"
+            );
+            let copy = lenient_copy(line).expect("differs");
+            let Classified::Single(Message::Request {
+                request: Request::ToolsCall(c),
+                ..
+            }) = classify(&copy)
+            else {
+                panic!(
+                    "lenient copy not a call: {:?}",
+                    String::from_utf8_lossy(&copy)
+                )
+            };
+            assert_eq!(c.name.as_deref(), Some("rm"));
+        }
+        // Valid pairs, strings that merely mention NaN, and clean lines stay.
+        let fine = br#"{"a":"\ud83d\ude00 NaN Infinity \" \\u0041"}"#;
+        assert_eq!(lenient_copy(fine), None);
+        for junk in [&b"\\"[..], b"\"\\u12", b"\"\\ud800\\u", b"-Inf", b"\xff\\"] {
+            let _ = lenient_copy(junk);
         }
     }
 

@@ -19,10 +19,14 @@
 //! - When the server's stdout ends, every call still in flight ends with
 //!   outcome error ("server exited").
 //!
-//! Lines the classifier cannot read (not JSON-RPC, or longer than the parse
-//! limit) are forwarded and counted. Such a line cannot start a call's rights:
-//! a server that accepts what the classifier rejects runs it under the
-//! server-level rules only.
+//! A line strict JSON rejects is read again through
+//! [`super::jsonrpc::lenient_copy`] (invalid UTF-8, lone surrogates, NaN...),
+//! so a refused tool can't slip past in a form a lenient server parser
+//! accepts, and a server can't hide a response from the relay that a lenient
+//! client accepts. Lines that still can't be read (not JSON-RPC, or longer
+//! than the parse limit) are forwarded and counted. Such a line never starts
+//! a call's rights: a server that ran it would run under the server-level
+//! rules only.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,8 +36,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::calls::{CallEnd, CallStart, CallTracker, Outcome};
 use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
 use super::jsonrpc::{
-    call_result, classify, server_hello, task_result, tool_annotations, CallResult, Classified,
-    Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+    call_result, classify, lenient_copy, server_hello, task_result, tool_annotations, CallResult,
+    Classified, Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
 use crate::policy::model::Policy;
@@ -79,6 +83,10 @@ pub struct RelayStats {
     /// Of the unparsed, lines longer than the parse limit.
     pub oversize_c2s: u64,
     pub oversize_s2c: u64,
+    /// Lines strict JSON rejected but read through [`lenient_copy`] (what
+    /// lenient server and client parsers accept); acted on like any other.
+    pub lenient_c2s: u64,
+    pub lenient_s2c: u64,
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
     /// `tools/call`s answered by the relay and never forwarded.
@@ -291,7 +299,18 @@ where
         }
         Frame::Line(line) => {
             sh.lock().stats.lines_c2s += 1;
-            match classify(line) {
+            let copy;
+            let (classified, lenient) = match classify(line) {
+                Classified::NotMcp => {
+                    copy = lenient_copy(line);
+                    classify_copy(copy.as_deref())
+                }
+                c => (c, false),
+            };
+            if lenient {
+                sh.lock().stats.lenient_c2s += 1;
+            }
+            match classified {
                 Classified::NotMcp => {
                     sh.lock().stats.unparsed_c2s += 1;
                     forward_server(sh, server, line).await
@@ -302,6 +321,15 @@ where
                 Classified::Batch(ms) => c2s_messages(sh, line, &ms, true, server).await,
             }
         }
+    }
+}
+
+/// Classify the lenient copy of a line strict parsing rejected; true when
+/// that found JSON-RPC.
+fn classify_copy(copy: Option<&[u8]>) -> (Classified<'_>, bool) {
+    match copy.map(classify) {
+        Some(c @ (Classified::Single(_) | Classified::Batch(_))) => (c, true),
+        _ => (Classified::NotMcp, false),
     }
 }
 
@@ -663,7 +691,18 @@ where
             let effects = {
                 let mut st = sh.lock();
                 st.stats.lines_s2c += 1;
-                match classify(line) {
+                let copy;
+                let (classified, lenient) = match classify(line) {
+                    Classified::NotMcp => {
+                        copy = lenient_copy(line);
+                        classify_copy(copy.as_deref())
+                    }
+                    c => (c, false),
+                };
+                if lenient {
+                    st.stats.lenient_s2c += 1;
+                }
+                match classified {
                     Classified::NotMcp => {
                         st.stats.unparsed_s2c += 1;
                         S2cEffects::default()

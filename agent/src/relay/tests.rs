@@ -494,6 +494,48 @@ async fn batch_with_a_refused_call_is_refused_whole() {
 }
 
 #[tokio::test]
+async fn refused_tool_in_lenient_json_is_still_refused() {
+    let hooks = Arc::new(Rec::default());
+    let mut r = rig(
+        policy(Some(&["read_file"])),
+        hooks.clone(),
+        RelayOptions::default(),
+    );
+    let sneaky: [&[u8]; 3] = [
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"p\":\"\xff\"}}}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"n\":NaN}}}\n",
+        b"{\"\\udfff\":0,\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\"}}\n",
+    ];
+    for (i, l) in sneaky.iter().enumerate() {
+        r.client_w.write_all(l).await.expect("write");
+        let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+        assert_eq!(reply["id"], i + 1);
+        assert_eq!(reply["error"]["code"], REFUSED_CODE);
+    }
+    // An allowed call in lenient form goes through, bytes untouched, with its
+    // rights begun; a lenient response ends it.
+    let allowed = b"{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"tools/call\",\"params\":{\"name\":\"read_file\",\"arguments\":{\"p\":\"\xfe\"}}}\n";
+    r.client_w.write_all(allowed).await.expect("write");
+    let mut got = Vec::new();
+    r.server_r.read_until(b'\n', &mut got).await.expect("read");
+    assert_eq!(got, allowed);
+    let reply = b"{\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"\xc0\"}]}}\n";
+    r.server_w.write_all(reply).await.expect("write");
+    let mut got = Vec::new();
+    r.client_r.read_until(b'\n', &mut got).await.expect("read");
+    assert_eq!(got, reply);
+    let stats = finish(r).await;
+    assert_eq!(
+        (stats.refused, stats.lenient_c2s, stats.lenient_s2c),
+        (3, 4, 1)
+    );
+    assert_eq!(
+        hooks.log()[3..],
+        ["begin 4 read_file", "end 4 read_file ok"]
+    );
+}
+
+#[tokio::test]
 async fn tool_call_without_usable_id_is_dropped() {
     let hooks = Arc::new(Rec::default());
     let mut r = rig(policy(None), hooks.clone(), RelayOptions::default());
