@@ -312,6 +312,179 @@ fn hex4(b: &[u8], at: usize) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
+/// Reads a line too long to parse as it streams past, in bounded memory, for
+/// one thing: is it a response, and to which id. Used on server output over
+/// the parse limit so a huge result still ends its call (otherwise a server
+/// could keep a tool's rights by padding its answers).
+#[derive(Debug, Default)]
+pub struct ResponseScan {
+    started: bool,
+    /// The line is not a JSON object; nothing more to learn.
+    dead: bool,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    expect_key: bool,
+    /// Raw text (quotes included) of the key being read at depth 1.
+    key: Vec<u8>,
+    reading_key: bool,
+    current_key: Option<TopKey>,
+    /// Raw text of the `id` value being read.
+    id_raw: Vec<u8>,
+    reading_id: bool,
+    id: Option<Vec<u8>>,
+    has_result: bool,
+    has_error: bool,
+    has_method: bool,
+    bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopKey {
+    Id,
+    Result,
+    Error,
+    Method,
+    Other,
+}
+
+/// Longest key or id text the scan keeps (longer ones can't be ours).
+const SCAN_KEEP: usize = 1024;
+
+impl ResponseScan {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes seen so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        for &c in data {
+            if self.dead {
+                return;
+            }
+            self.step(c);
+        }
+    }
+
+    fn step(&mut self, c: u8) {
+        if !self.started {
+            if !c.is_ascii_whitespace() {
+                self.started = true;
+                self.dead = c != b'{';
+                self.depth = 1;
+                self.expect_key = true;
+            }
+            return;
+        }
+        if self.depth == 0 {
+            return;
+        }
+        if self.in_string {
+            if self.reading_key && self.key.len() < SCAN_KEEP {
+                self.key.push(c);
+            }
+            if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
+                self.id_raw.push(c);
+            }
+            if self.escaped {
+                self.escaped = false;
+            } else if c == b'\\' {
+                self.escaped = true;
+            } else if c == b'"' {
+                self.in_string = false;
+                if self.reading_key {
+                    self.reading_key = false;
+                    let name = serde_json::from_slice::<String>(&self.key).ok();
+                    self.current_key = Some(match name.as_deref() {
+                        Some("id") => TopKey::Id,
+                        Some("result") => TopKey::Result,
+                        Some("error") => TopKey::Error,
+                        Some("method") => TopKey::Method,
+                        _ => TopKey::Other,
+                    });
+                }
+            }
+            return;
+        }
+        match c {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key {
+                    self.reading_key = true;
+                    self.key.clear();
+                    self.key.push(c);
+                } else if self.reading_id {
+                    self.id_raw.push(c);
+                }
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
+                    self.id_raw.push(c);
+                }
+            }
+            b'}' | b']' if self.depth == 1 => {
+                self.end_value();
+                self.depth = 0;
+            }
+            b'}' | b']' => {
+                self.depth -= 1;
+                if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
+                    self.id_raw.push(c);
+                }
+            }
+            b':' if self.depth == 1 => {
+                self.expect_key = false;
+                match self.current_key.take() {
+                    Some(TopKey::Id) => {
+                        self.reading_id = true;
+                        self.id_raw.clear();
+                    }
+                    Some(TopKey::Result) => self.has_result = true,
+                    Some(TopKey::Error) => self.has_error = true,
+                    Some(TopKey::Method) => self.has_method = true,
+                    Some(TopKey::Other) | None => {}
+                }
+            }
+            b',' if self.depth == 1 => {
+                self.end_value();
+                self.expect_key = true;
+            }
+            _ => {
+                if self.reading_id && !c.is_ascii_whitespace() && self.id_raw.len() <= SCAN_KEEP {
+                    self.id_raw.push(c);
+                }
+            }
+        }
+    }
+
+    fn end_value(&mut self) {
+        if self.reading_id {
+            self.reading_id = false;
+            // Last duplicate wins, as in `classify`.
+            self.id = (self.id_raw.len() <= SCAN_KEEP).then(|| self.id_raw.clone());
+        }
+    }
+
+    /// After the whole line: `(id, is_error)` if it was a complete response
+    /// object with a number or string id.
+    pub fn response(&self) -> Option<(RequestId, bool)> {
+        if !self.started || self.dead || self.depth != 0 || self.has_method {
+            return None;
+        }
+        if !self.has_result && !self.has_error {
+            return None;
+        }
+        let raw = serde_json::from_slice::<&RawValue>(self.id.as_deref()?).ok()?;
+        Some((RequestId::from_raw(raw)?, self.has_error))
+    }
+}
+
 /// An object's keys with the raw text of their values; last duplicate wins.
 struct Obj<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
@@ -838,6 +1011,66 @@ mod tests {
         assert_eq!(lenient_copy(fine), None);
         for junk in [&b"\\"[..], b"\"\\u12", b"\"\\ud800\\u", b"-Inf", b"\xff\\"] {
             let _ = lenient_copy(junk);
+        }
+    }
+
+    #[test]
+    fn response_scan_finds_the_id_of_a_streamed_response() {
+        let scan = |line: &[u8], piece: usize| {
+            let mut s = ResponseScan::new();
+            for p in line.chunks(piece) {
+                s.push(p);
+            }
+            s.response()
+        };
+        let big = "x".repeat(5000);
+        let cases: Vec<(String, Option<(RequestId, bool)>)> = vec![
+            (
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":7,"result":{{"content":[{{"text":"{big}\"}}{{"}}]}}}}"#
+                ),
+                Some((RequestId::Number("7".into()), false)),
+            ),
+            (
+                format!(r#"{{"result":{{"id":1,"t":"{big}"}},"jsonrpc":"2.0", "id" : "a\"b" }}"#),
+                Some((RequestId::String("a\"b".into()), false)),
+            ),
+            (
+                format!(
+                    r#"{{"jsonrpc":"2.0","error":{{"code":1,"message":"{big}"}},"\u0069d":3}}"#
+                ),
+                Some((RequestId::Number("3".into()), true)),
+            ),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":"{big}"}}"#),
+                None,
+            ),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":1,"result":"{big}""#),
+                None,
+            ),
+            (format!(r#"["{big}"]"#), None),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":null,"result":"{big}"}}"#),
+                None,
+            ),
+        ];
+        for (line, want) in cases {
+            for piece in [1, 3, 100, 100_000] {
+                assert_eq!(
+                    scan(line.as_bytes(), piece),
+                    want,
+                    "{piece}: {}",
+                    &line[..60.min(line.len())]
+                );
+            }
+            // Agrees with the full classifier where that can read the line.
+            if let Classified::Single(Message::Response { id: Some(id), body }) =
+                classify(line.as_bytes())
+            {
+                let is_error = matches!(body, ResponseBody::Error { .. });
+                assert_eq!(want, Some((id, is_error)));
+            }
         }
     }
 

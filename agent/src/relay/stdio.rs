@@ -26,7 +26,9 @@
 //! client accepts. Lines that still can't be read (not JSON-RPC, or longer
 //! than the parse limit) are forwarded and counted. Such a line never starts
 //! a call's rights: a server that ran it would run under the server-level
-//! rules only.
+//! rules only. A server line over the parse limit is scanned as it streams
+//! ([`ResponseScan`]) so a huge result still ends its call, before its last
+//! piece is written.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -37,7 +39,8 @@ use super::calls::{CallEnd, CallStart, CallTracker, Outcome};
 use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
 use super::jsonrpc::{
     call_result, classify, lenient_copy, server_hello, task_result, tool_annotations, CallResult,
-    Classified, Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+    Classified, Message, Notification, Request, RequestId, ResponseBody, ResponseScan,
+    ToolAnnotations,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
 use crate::policy::model::Policy;
@@ -639,8 +642,7 @@ where
 {
     let mut framer = Framer::new(sh.opts.parse_limit);
     let mut buf = vec![0u8; sh.opts.read_size.max(1)];
-    // Held from the first to the last piece of an oversize line.
-    let mut held: Option<tokio::sync::MutexGuard<'_, CW>> = None;
+    let mut held: Option<LongLine<'_, CW>> = None;
     loop {
         while let Some(frame) = framer.next_frame() {
             s2c_frame(sh, frame, &mut held).await?;
@@ -658,10 +660,18 @@ where
     Ok(())
 }
 
+/// A server line over the parse limit, being forwarded piece by piece: the
+/// client writer stays locked from its first to its last piece, and the scan
+/// looks for the id of the response it may be.
+struct LongLine<'s, CW> {
+    writer: tokio::sync::MutexGuard<'s, CW>,
+    scan: ResponseScan,
+}
+
 async fn s2c_frame<'s, H, CW>(
     sh: &'s Shared<'_, H, CW>,
     frame: Frame<'_>,
-    held: &mut Option<tokio::sync::MutexGuard<'s, CW>>,
+    held: &mut Option<LongLine<'s, CW>>,
 ) -> Result<(), RelayError>
 where
     H: RelayHooks,
@@ -669,10 +679,31 @@ where
 {
     match frame {
         Frame::Oversize { bytes, last } => {
-            let w = match held {
-                Some(w) => w,
-                None => held.insert(sh.client_out.lock().await),
+            let long = match held {
+                Some(l) => l,
+                None => held.insert(LongLine {
+                    writer: sh.client_out.lock().await,
+                    scan: ResponseScan::new(),
+                }),
             };
+            long.scan.push(bytes);
+            if last {
+                // The client can't act on a line before its end arrives, so
+                // ending the call before writing the last piece still
+                // withdraws rights before the client sees the result.
+                if let Some((id, is_error)) = long.scan.response() {
+                    let outcome = if is_error {
+                        Outcome::Error
+                    } else {
+                        Outcome::Ok
+                    };
+                    let end = sh.lock().tracker.end(&id, outcome, long.scan.bytes(), None);
+                    if let Some(end) = end {
+                        sh.end_calls(std::slice::from_ref(&end)).await;
+                    }
+                }
+            }
+            let w = &mut long.writer;
             w.write_all(bytes).await.map_err(RelayError::ClientWrite)?;
             if last {
                 w.flush().await.map_err(RelayError::ClientWrite)?;

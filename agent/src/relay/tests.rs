@@ -275,10 +275,41 @@ async fn oversize_lines_are_forwarded_and_counted() {
     let long_down = format!("{}\n", "x".repeat(500));
     send(&mut r.server_w, &long_down).await;
     assert_eq!(line(&mut r.client_r).await, long_down);
+    // A call whose result is over the limit still ends, before the client
+    // has the whole line.
+    let hooks_ok = Arc::new(Rec {
+        end_delay: Duration::from_millis(50),
+        ..Rec::default()
+    });
     let stats = finish(r).await;
     assert_eq!((stats.oversize_c2s, stats.oversize_s2c), (1, 1));
     assert_eq!((stats.unparsed_c2s, stats.unparsed_s2c), (1, 1));
     assert!(hooks.log().is_empty());
+
+    let mut r = rig(
+        policy(None),
+        hooks_ok.clone(),
+        RelayOptions {
+            parse_limit: 200,
+            read_size: 7,
+        },
+    );
+    send(&mut r.client_w, &call("\"k\"", "read_file")).await;
+    line(&mut r.server_r).await;
+    let big = format!(
+        "{{\"jsonrpc\":\"2.0\",\"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\"{}\"}}]}},\"id\":\"k\"}}\n",
+        "y".repeat(1000)
+    );
+    send(&mut r.server_w, &big).await;
+    assert_eq!(line(&mut r.client_r).await, big);
+    assert!(
+        hooks_ok.has("end \"k\" read_file ok"),
+        "{:?}",
+        hooks_ok.log()
+    );
+    let ends = hooks_ok.ends.lock().expect("ends").clone();
+    assert_eq!(ends[0].response_bytes, big.len() as u64);
+    finish(r).await;
 }
 
 #[tokio::test]
