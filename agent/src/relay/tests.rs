@@ -807,3 +807,38 @@ async fn relay_to_cat_child() {
         vec!["begin 1 echo", "refused 2 forbidden", "end 1 echo error"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_never_land_inside_a_server_line() {
+    let hooks = Arc::new(Rec::default());
+    let opts = RelayOptions {
+        parse_limit: 150,
+        read_size: 7,
+    };
+    let mut r = rig(policy(Some(&[])), hooks.clone(), opts);
+    // Half of a long server line is on its way to the client...
+    let half = format!(
+        "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}",
+        "z".repeat(400)
+    );
+    send(&mut r.server_w, &half).await;
+    let mut first = vec![0u8; 64];
+    r.client_r
+        .read_exact(&mut first)
+        .await
+        .expect("first bytes");
+    // ...when the relay refuses a call; its answer must wait for the line.
+    send(&mut r.client_w, &call("1", "rm")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest = format!("{}\"}}}}\n", "z".repeat(400));
+    send(&mut r.server_w, &rest).await;
+    let got_first = format!(
+        "{}{}",
+        String::from_utf8(first).expect("utf-8"),
+        line(&mut r.client_r).await
+    );
+    assert_eq!(got_first, format!("{half}{rest}"));
+    let refusal: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+    assert_eq!(refusal["id"], 1);
+    finish(r).await;
+}
