@@ -27,7 +27,7 @@ const LIMITS: [usize; 5] = [0, 1, 16, 256, framing::DEFAULT_PARSE_LIMIT];
 
 fn classify_all(line: &[u8]) {
     // The streaming reader used for lines over the limit, in odd pieces.
-    let mut scan = jsonrpc::ResponseScan::new();
+    let mut scan = jsonrpc::LineScan::new();
     for piece in line.chunks(5) {
         scan.push(piece);
     }

@@ -313,11 +313,12 @@ fn hex4(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Reads a line too long to parse as it streams past, in bounded memory, for
-/// one thing: is it a response, and to which id. Used on server output over
-/// the parse limit so a huge result still ends its call (otherwise a server
-/// could keep a tool's rights by padding its answers).
+/// its top-level `id`, `method` and whether it has `result` or `error`.
+/// Server side: a huge result still ends its call (otherwise a server could
+/// keep a tool's rights by padding its answers). Client side: a huge
+/// `tools/call` is recognised and refused.
 #[derive(Debug, Default)]
-pub struct ResponseScan {
+pub struct LineScan {
     started: bool,
     /// The line is not a JSON object; nothing more to learn.
     dead: bool,
@@ -329,10 +330,11 @@ pub struct ResponseScan {
     key: Vec<u8>,
     reading_key: bool,
     current_key: Option<TopKey>,
-    /// Raw text of the `id` value being read.
-    id_raw: Vec<u8>,
-    reading_id: bool,
+    /// Raw text of the `id` or `method` value being read.
+    value: Vec<u8>,
+    reading: Option<TopKey>,
     id: Option<Vec<u8>>,
+    method: Option<Vec<u8>>,
     has_result: bool,
     has_error: bool,
     has_method: bool,
@@ -348,10 +350,10 @@ enum TopKey {
     Other,
 }
 
-/// Longest key or id text the scan keeps (longer ones can't be ours).
+/// Longest key, id or method text the scan keeps (longer ones can't be ours).
 const SCAN_KEEP: usize = 1024;
 
-impl ResponseScan {
+impl LineScan {
     pub fn new() -> Self {
         Self::default()
     }
@@ -368,6 +370,12 @@ impl ResponseScan {
                 return;
             }
             self.step(c);
+        }
+    }
+
+    fn keep(&mut self, c: u8) {
+        if self.reading.is_some() && self.value.len() <= SCAN_KEEP {
+            self.value.push(c);
         }
     }
 
@@ -388,9 +396,7 @@ impl ResponseScan {
             if self.reading_key && self.key.len() < SCAN_KEEP {
                 self.key.push(c);
             }
-            if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
-                self.id_raw.push(c);
-            }
+            self.keep(c);
             if self.escaped {
                 self.escaped = false;
             } else if c == b'\\' {
@@ -418,15 +424,13 @@ impl ResponseScan {
                     self.reading_key = true;
                     self.key.clear();
                     self.key.push(c);
-                } else if self.reading_id {
-                    self.id_raw.push(c);
+                } else {
+                    self.keep(c);
                 }
             }
             b'{' | b'[' => {
                 self.depth += 1;
-                if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
-                    self.id_raw.push(c);
-                }
+                self.keep(c);
             }
             b'}' | b']' if self.depth == 1 => {
                 self.end_value();
@@ -434,20 +438,18 @@ impl ResponseScan {
             }
             b'}' | b']' => {
                 self.depth -= 1;
-                if self.reading_id && self.id_raw.len() <= SCAN_KEEP {
-                    self.id_raw.push(c);
-                }
+                self.keep(c);
             }
             b':' if self.depth == 1 => {
                 self.expect_key = false;
                 match self.current_key.take() {
-                    Some(TopKey::Id) => {
-                        self.reading_id = true;
-                        self.id_raw.clear();
+                    Some(k @ (TopKey::Id | TopKey::Method)) => {
+                        self.has_method |= k == TopKey::Method;
+                        self.reading = Some(k);
+                        self.value.clear();
                     }
                     Some(TopKey::Result) => self.has_result = true,
                     Some(TopKey::Error) => self.has_error = true,
-                    Some(TopKey::Method) => self.has_method = true,
                     Some(TopKey::Other) | None => {}
                 }
             }
@@ -455,33 +457,49 @@ impl ResponseScan {
                 self.end_value();
                 self.expect_key = true;
             }
-            _ => {
-                if self.reading_id && !c.is_ascii_whitespace() && self.id_raw.len() <= SCAN_KEEP {
-                    self.id_raw.push(c);
-                }
-            }
+            c if c.is_ascii_whitespace() => {}
+            _ => self.keep(c),
         }
     }
 
     fn end_value(&mut self) {
-        if self.reading_id {
-            self.reading_id = false;
-            // Last duplicate wins, as in `classify`.
-            self.id = (self.id_raw.len() <= SCAN_KEEP).then(|| self.id_raw.clone());
+        // Last duplicate wins, as in `classify`.
+        let kept = (self.value.len() <= SCAN_KEEP).then(|| self.value.clone());
+        match self.reading.take() {
+            Some(TopKey::Id) => self.id = kept,
+            Some(TopKey::Method) => self.method = kept,
+            _ => {}
         }
     }
 
-    /// After the whole line: `(id, is_error)` if it was a complete response
-    /// object with a number or string id.
-    pub fn response(&self) -> Option<(RequestId, bool)> {
-        if !self.started || self.dead || self.depth != 0 || self.has_method {
-            return None;
-        }
-        if !self.has_result && !self.has_error {
+    fn complete(&self) -> bool {
+        self.started && !self.dead && self.depth == 0
+    }
+
+    /// After the whole line: the top-level id, if a number or string.
+    pub fn id(&self) -> Option<RequestId> {
+        if !self.complete() {
             return None;
         }
         let raw = serde_json::from_slice::<&RawValue>(self.id.as_deref()?).ok()?;
-        Some((RequestId::from_raw(raw)?, self.has_error))
+        RequestId::from_raw(raw)
+    }
+
+    /// After the whole line: the top-level method, if a string.
+    pub fn method(&self) -> Option<String> {
+        if !self.complete() {
+            return None;
+        }
+        serde_json::from_slice(self.method.as_deref()?).ok()
+    }
+
+    /// After the whole line: `(id, is_error)` if it was a complete response
+    /// object (no method) with a number or string id.
+    pub fn response(&self) -> Option<(RequestId, bool)> {
+        if self.has_method || (!self.has_result && !self.has_error) {
+            return None;
+        }
+        Some((self.id()?, self.has_error))
     }
 }
 
@@ -1015,9 +1033,9 @@ mod tests {
     }
 
     #[test]
-    fn response_scan_finds_the_id_of_a_streamed_response() {
+    fn line_scan_finds_id_and_method_of_a_streamed_line() {
         let scan = |line: &[u8], piece: usize| {
-            let mut s = ResponseScan::new();
+            let mut s = LineScan::new();
             for p in line.chunks(piece) {
                 s.push(p);
             }
@@ -1046,6 +1064,12 @@ mod tests {
                 None,
             ),
             (
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"params":{{"method":"no"}},"me\u0074hod":"tools/call","x":"{big}"}}"#
+                ),
+                None,
+            ),
+            (
                 format!(r#"{{"jsonrpc":"2.0","id":1,"result":"{big}""#),
                 None,
             ),
@@ -1064,6 +1088,15 @@ mod tests {
                     &line[..60.min(line.len())]
                 );
             }
+            let mut s = LineScan::new();
+            s.push(line.as_bytes());
+            let method = match classify(line.as_bytes()) {
+                Classified::Single(
+                    Message::Request { method, .. } | Message::Notification { method, .. },
+                ) => Some(method),
+                _ => None,
+            };
+            assert_eq!(s.method(), method);
             // Agrees with the full classifier where that can read the line.
             if let Classified::Single(Message::Response { id: Some(id), body }) =
                 classify(line.as_bytes())

@@ -27,7 +27,7 @@
 //! than the parse limit) are forwarded and counted. Such a line never starts
 //! a call's rights: a server that ran it would run under the server-level
 //! rules only. A server line over the parse limit is scanned as it streams
-//! ([`ResponseScan`]) so a huge result still ends its call, before its last
+//! ([`LineScan`]) so a huge result still ends its call, before its last
 //! piece is written.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,8 +39,7 @@ use super::calls::{CallEnd, CallStart, CallTracker, Outcome};
 use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
 use super::jsonrpc::{
     call_result, classify, lenient_copy, server_hello, task_result, tool_annotations, CallResult,
-    Classified, Message, Notification, Request, RequestId, ResponseBody, ResponseScan,
-    ToolAnnotations,
+    Classified, LineScan, Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
 use crate::policy::model::Policy;
@@ -665,7 +664,7 @@ where
 /// looks for the id of the response it may be.
 struct LongLine<'s, CW> {
     writer: tokio::sync::MutexGuard<'s, CW>,
-    scan: ResponseScan,
+    scan: LineScan,
 }
 
 async fn s2c_frame<'s, H, CW>(
@@ -683,7 +682,7 @@ where
                 Some(l) => l,
                 None => held.insert(LongLine {
                     writer: sh.client_out.lock().await,
-                    scan: ResponseScan::new(),
+                    scan: LineScan::new(),
                 }),
             };
             long.scan.push(bytes);
