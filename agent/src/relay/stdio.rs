@@ -25,10 +25,11 @@
 //! accepts, and a server can't hide a response from the relay that a lenient
 //! client accepts. Lines that still can't be read (not JSON-RPC, or longer
 //! than the parse limit) are forwarded and counted. Such a line never starts
-//! a call's rights: a server that ran it would run under the server-level
-//! rules only. A server line over the parse limit is scanned as it streams
-//! ([`LineScan`]) so a huge result still ends its call, before its last
-//! piece is written.
+//! a call's rights. Lines over the parse limit are scanned as they stream
+//! ([`LineScan`]): a huge server result still ends its call before its last
+//! piece is written; a huge client `tools/call` is refused (its closing
+//! bracket is held back so the server never has it whole, and the server's
+//! stdin is closed since it holds a partial line).
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -40,6 +41,7 @@ use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
 use super::jsonrpc::{
     call_result, classify, lenient_copy, server_hello, task_result, tool_annotations, CallResult,
     Classified, LineScan, Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+    ToolCall,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
 use crate::policy::model::Policy;
@@ -249,9 +251,10 @@ where
     let mut framer = Framer::new(sh.opts.parse_limit);
     let mut buf = vec![0u8; sh.opts.read_size.max(1)];
     let mut server_open = true;
+    let mut long: Option<LongRequest> = None;
     'read: loop {
         while let Some(frame) = framer.next_frame() {
-            if !c2s_frame(sh, frame, &mut server).await {
+            if !c2s_frame(sh, frame, &mut long, &mut server).await {
                 server_open = false;
                 break 'read;
             }
@@ -268,7 +271,7 @@ where
     }
     if server_open {
         if let Some(frame) = framer.finish() {
-            c2s_frame(sh, frame, &mut server).await;
+            c2s_frame(sh, frame, &mut long, &mut server).await;
         }
     }
     // Closing the server's stdin tells it the client is gone.
@@ -279,9 +282,29 @@ where
     drop(server);
 }
 
+/// A client line over the parse limit, being forwarded piece by piece.
+#[derive(Default)]
+struct LongRequest {
+    scan: LineScan,
+    /// Held back: the line from its last non-whitespace byte seen so far. With
+    /// the closing bracket withheld, what the server has is never a whole
+    /// JSON text, so a `tools/call` found at the end can still be stopped.
+    carry: Vec<u8>,
+    /// The carry outgrew [`MAX_CARRY`] (a run of whitespace) and went out.
+    leaked: bool,
+}
+
+/// Most whitespace held back behind a long line's last non-whitespace byte.
+const MAX_CARRY: usize = 1 << 20;
+
 /// Handle one frame from the client. False when the server can no longer be
-/// written to.
-async fn c2s_frame<H, CW, SW>(sh: &Shared<'_, H, CW>, frame: Frame<'_>, server: &mut SW) -> bool
+/// written to (or must not be: see [`long_request_end`]).
+async fn c2s_frame<H, CW, SW>(
+    sh: &Shared<'_, H, CW>,
+    frame: Frame<'_>,
+    long: &mut Option<LongRequest>,
+    server: &mut SW,
+) -> bool
 where
     H: RelayHooks,
     CW: AsyncWrite + Unpin + Send,
@@ -289,15 +312,36 @@ where
 {
     match frame {
         Frame::Oversize { bytes, last } => {
-            {
-                let mut st = sh.lock();
-                if last {
+            let lr = long.get_or_insert_with(LongRequest::default);
+            lr.scan.push(bytes);
+            if last {
+                let lr = std::mem::take(lr);
+                *long = None;
+                {
+                    let mut st = sh.lock();
                     st.stats.lines_c2s += 1;
                     st.stats.unparsed_c2s += 1;
                     st.stats.oversize_c2s += 1;
                 }
+                return long_request_end(sh, lr, bytes, server).await;
             }
-            forward_server(sh, server, bytes).await
+            match bytes.iter().rposition(|b| !b.is_ascii_whitespace()) {
+                Some(p) => {
+                    let carry = std::mem::replace(&mut lr.carry, bytes[p..].to_vec());
+                    forward_server(sh, server, &carry).await
+                        && forward_server(sh, server, &bytes[..p]).await
+                }
+                None => {
+                    lr.carry.extend_from_slice(bytes);
+                    if lr.carry.len() > MAX_CARRY {
+                        lr.leaked = true;
+                        let carry = std::mem::take(&mut lr.carry);
+                        forward_server(sh, server, &carry).await
+                    } else {
+                        true
+                    }
+                }
+            }
         }
         Frame::Line(line) => {
             sh.lock().stats.lines_c2s += 1;
@@ -355,6 +399,66 @@ where
             false
         }
     }
+}
+
+/// The last piece of a client line over the parse limit. A `tools/call` can't
+/// be judged without its tool name, so it is refused: its line is never
+/// completed, and the server's stdin is closed (returns false) because the
+/// server holds a partial line that anything sent after it would extend.
+async fn long_request_end<H, CW, SW>(
+    sh: &Shared<'_, H, CW>,
+    lr: LongRequest,
+    last: &[u8],
+    server: &mut SW,
+) -> bool
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    if lr.scan.method().as_deref() != Some("tools/call") || lr.leaked {
+        return forward_server(sh, server, &lr.carry).await
+            && forward_server(sh, server, last).await;
+    }
+    let reason = format!(
+        "a tools/call of {} bytes is over the relay's parse limit of {} bytes; \
+         the server's input is closed",
+        lr.scan.bytes(),
+        sh.opts.parse_limit
+    );
+    match lr.scan.id() {
+        Some(id) => {
+            let start = CallStart {
+                id: id.clone(),
+                tool: String::new(),
+                args_hash: String::new(),
+                request_bytes: lr.scan.bytes(),
+                task: false,
+            };
+            let msg = Message::Request {
+                id,
+                method: "tools/call".to_owned(),
+                request: Request::ToolsCall(ToolCall {
+                    name: None,
+                    args_hash: String::new(),
+                    task: false,
+                }),
+            };
+            refuse(
+                sh,
+                std::slice::from_ref(&msg),
+                std::slice::from_ref(&start),
+                &reason,
+                false,
+            )
+            .await;
+        }
+        None => {
+            sh.lock().stats.refused += 1;
+            log::warn!("relay: {reason}");
+        }
+    }
+    false
 }
 
 /// Why the policy (or the relay's own rules) refuse this call, if it does.

@@ -268,24 +268,70 @@ async fn oversize_lines_are_forwarded_and_counted() {
         read_size: 7,
     };
     let mut r = rig(policy(Some(&[])), hooks.clone(), opts);
-    // Over the parse limit: forwarded unread (so not refused), counted.
-    let long = format!("{}{}", call("1", "denied").trim_end(), " ".repeat(100));
-    send(&mut r.client_w, &format!("{long}\n")).await;
-    assert_eq!(line(&mut r.server_r).await, format!("{long}\n"));
+    // Over the parse limit and not a tools/call: forwarded whole, counted.
+    let long = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resources/read\",\"params\":{{\"uri\":\"{}\"}}}}   \n",
+        "u".repeat(300)
+    );
+    send(&mut r.client_w, &long).await;
+    assert_eq!(line(&mut r.server_r).await, long);
     let long_down = format!("{}\n", "x".repeat(500));
     send(&mut r.server_w, &long_down).await;
     assert_eq!(line(&mut r.client_r).await, long_down);
+    let stats = finish(r).await;
+    assert_eq!((stats.oversize_c2s, stats.oversize_s2c), (1, 1));
+    assert_eq!((stats.unparsed_c2s, stats.unparsed_s2c), (1, 1));
+    assert_eq!(stats.bytes_c2s, long.len() as u64);
+    assert!(hooks.log().is_empty());
+}
+
+#[tokio::test]
+async fn oversize_tool_call_is_refused_and_never_completed() {
+    let hooks = Arc::new(Rec::default());
+    let opts = RelayOptions {
+        parse_limit: 64,
+        read_size: 7,
+    };
+    // Even an allowed tool: its name can't be read, so its rights can't be
+    // put in force.
+    let mut r = rig(policy(None), hooks.clone(), opts);
+    let long = format!(
+        "{}{}\n",
+        call("\"big\"", "read_file").trim_end(),
+        " \t".repeat(100)
+    );
+    send(&mut r.client_w, &long).await;
+    let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+    assert_eq!(reply["id"], "big");
+    assert_eq!(reply["error"]["code"], REFUSED_CODE);
+    // The server got a strict prefix that is not JSON, then end of input.
+    let mut got = Vec::new();
+    r.server_r
+        .read_to_end(&mut got)
+        .await
+        .expect("server input closed");
+    assert!(long.as_bytes().starts_with(&got) && got.len() < long.len());
+    assert!(!got.contains(&b'\n'));
+    assert!(serde_json::from_slice::<Value>(&got).is_err());
+    // The server can still answer what it had.
+    send(&mut r.server_w, &ok("0")).await;
+    assert_eq!(line(&mut r.client_r).await, ok("0"));
+    let stats = finish(r).await;
+    assert_eq!(
+        (stats.refused, stats.oversize_c2s, stats.calls_begun),
+        (1, 1, 0)
+    );
+    assert_eq!(hooks.log(), vec!["refused \"big\" "]);
+}
+
+#[tokio::test]
+async fn oversize_result_ends_its_call_first() {
     // A call whose result is over the limit still ends, before the client
     // has the whole line.
     let hooks_ok = Arc::new(Rec {
         end_delay: Duration::from_millis(50),
         ..Rec::default()
     });
-    let stats = finish(r).await;
-    assert_eq!((stats.oversize_c2s, stats.oversize_s2c), (1, 1));
-    assert_eq!((stats.unparsed_c2s, stats.unparsed_s2c), (1, 1));
-    assert!(hooks.log().is_empty());
-
     let mut r = rig(
         policy(None),
         hooks_ok.clone(),
