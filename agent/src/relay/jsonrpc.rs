@@ -18,9 +18,13 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A JSON-RPC request id, normalised: numbers by their decimal text as
-/// serde_json prints them, strings by their decoded value. `1` and `"1"` are
-/// different ids, as JSON-RPC says.
+/// A JSON-RPC request id, normalised so a response matches its request even
+/// when the peer re-encoded the id: numbers by their value as a double (what
+/// a JavaScript peer keeps: `1`, `1.0` and `1e0` are one id), integers
+/// written without a fraction; strings by their decoded value. `1` and `"1"`
+/// are different ids, as JSON-RPC says. Ids a double can't tell apart
+/// (integers past 2^53) are one key, so the relay refuses the second of them
+/// while the first is in flight rather than confuse their ends.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestId {
     Number(String),
@@ -31,18 +35,32 @@ impl RequestId {
     /// From a raw id; `None` for null, booleans, objects and arrays.
     pub fn from_raw(raw: &RawValue) -> Option<Self> {
         match serde_json::from_str::<Value>(raw.get()).ok()? {
-            Value::Number(n) => Some(RequestId::Number(n.to_string())),
+            Value::Number(n) => Some(RequestId::Number(number_key(&n))),
             Value::String(s) => Some(RequestId::String(s)),
             _ => None,
         }
     }
 
-    /// The id as JSON, for error responses the relay writes itself.
+    /// The id as JSON (its normalised form), for error responses the relay
+    /// writes itself when it no longer has the original.
     pub fn to_json(&self) -> Value {
         match self {
             RequestId::Number(n) => serde_json::from_str(n).unwrap_or(Value::Null),
             RequestId::String(s) => Value::String(s.clone()),
         }
+    }
+}
+
+fn number_key(n: &serde_json::Number) -> String {
+    let Some(f) = n.as_f64().filter(|f| f.is_finite()) else {
+        return n.to_string();
+    };
+    // -0 and 0 are one id.
+    let f = if f == 0.0 { 0.0 } else { f };
+    if f.fract() == 0.0 && f.abs() < 1e21 {
+        format!("{f:.0}")
+    } else {
+        format!("{f}")
     }
 }
 
@@ -169,6 +187,8 @@ pub enum ResponseBody<'a> {
 pub enum Message<'a> {
     Request {
         id: RequestId,
+        /// The id as the client wrote it, echoed in the relay's own errors.
+        id_json: Value,
         method: String,
         request: Request,
     },
@@ -588,6 +608,7 @@ fn message(raw: &RawValue) -> Message<'_> {
             Some(id_raw) => match RequestId::from_raw(id_raw) {
                 Some(id) => Message::Request {
                     id,
+                    id_json: serde_json::from_str(id_raw.get()).unwrap_or(Value::Null),
                     request: request(&method, params.as_ref()),
                     method,
                 },
@@ -827,6 +848,7 @@ mod tests {
             id,
             request,
             method,
+            ..
         } = m
         else {
             panic!("{m:?}")
@@ -857,6 +879,14 @@ mod tests {
             RequestId::Number("12".into()).to_json(),
             serde_json::json!(12)
         );
+        let key = |s: &str| RequestId::from_raw(raw(s));
+        assert_eq!(key("1"), key("1.0"));
+        assert_eq!(key("1"), key("1e0"));
+        assert_eq!(key("-0"), key("0"));
+        assert_eq!(key("9007199254740993"), key("9007199254740992"));
+        assert_ne!(key("1.5"), key("1"));
+        assert_eq!(key("1.5"), Some(RequestId::Number("1.5".into())));
+        assert_eq!(key("-7"), Some(RequestId::Number("-7".into())));
     }
 
     #[test]

@@ -436,6 +436,7 @@ where
                 task: false,
             };
             let msg = Message::Request {
+                id_json: id.to_json(),
                 id,
                 method: "tools/call".to_owned(),
                 request: Request::ToolsCall(ToolCall {
@@ -673,16 +674,17 @@ async fn refuse<H, CW>(
     let mut errors = Vec::new();
     for m in msgs {
         if let Message::Request {
-            id,
+            id_json,
             request,
             method,
+            ..
         } = m
         {
             let tool = match request {
                 Request::ToolsCall(c) => c.name.as_deref(),
                 _ => None,
             };
-            errors.push(error_response(sh.policy, id, method, tool, &reason));
+            errors.push(error_response(sh.policy, id_json, method, tool, &reason));
         }
     }
     for call in calls {
@@ -706,7 +708,7 @@ async fn refuse<H, CW>(
 
 fn error_response(
     policy: &Policy,
-    id: &RequestId,
+    id: &Value,
     method: &str,
     tool: Option<&str>,
     reason: &str,
@@ -717,7 +719,7 @@ fn error_response(
     };
     json!({
         "jsonrpc": "2.0",
-        "id": id.to_json(),
+        "id": id,
         "error": {
             "code": REFUSED_CODE,
             "message": format!(

@@ -366,7 +366,7 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
         hooks.clone(),
         RelayOptions::default(),
     );
-    for id in ["7", "\"req-7\""] {
+    for id in ["7", "\"req-7\"", "7.0", "9007199254740993"] {
         send(&mut r.client_w, &call(id, "delete_everything")).await;
         let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
         assert_eq!(reply["id"], serde_json::from_str::<Value>(id).expect("id"));
@@ -382,9 +382,9 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
     send(&mut r.server_w, &ok("8")).await;
     assert_eq!(line(&mut r.client_r).await, ok("8"));
     let stats = finish(r).await;
-    assert_eq!(stats.refused, 2);
+    assert_eq!(stats.refused, 4);
     let refused = hooks.refused.lock().expect("refused").clone();
-    assert_eq!(refused.len(), 2);
+    assert_eq!(refused.len(), 4);
     assert_eq!(refused[1].0.id, RequestId::String("req-7".into()));
     assert!(refused[0].1.contains("not allowed by policy"));
     assert_eq!(
@@ -392,6 +392,8 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
         vec![
             "refused 7 delete_everything",
             "refused \"req-7\" delete_everything",
+            "refused 7 delete_everything",
+            "refused 9007199254740992 delete_everything",
             "begin 8 read_file",
             "end 8 read_file ok"
         ]
