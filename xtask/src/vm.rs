@@ -444,8 +444,22 @@ mount -t securityfs securityfs $R/sys/kernel/security || fail "mount securityfs"
 mount -t bpf bpf $R/sys/fs/bpf || fail "mount bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"
 mount -t tracefs tracefs $R/sys/kernel/tracing || fail "mount tracefs"
+# The guest gets its own /tmp and /run; host directories the command needs
+# from there (a checkout under /tmp) are kept visible by bind mounts.
+i=0
+while read -r d; do
+    i=$((i + 1))
+    mkdir -p /keep/$i
+    mount --bind "$R$d" /keep/$i || fail "bind $d"
+done < /xtask/keep
 mount -t tmpfs tmpfs $R/tmp || fail "mount /tmp"
 mount -t tmpfs tmpfs $R/run || fail "mount /run"
+i=0
+while read -r d; do
+    i=$((i + 1))
+    mkdir -p "$R$d"
+    mount --bind /keep/$i "$R$d" || fail "bind $d back"
+done < /xtask/keep
 echo "@NONCE@ kernel=$(uname -r) lsm=$(cat $R/sys/kernel/security/lsm)"
 mkdir -p $R/run/xtask-vm
 cp /xtask/cmd.sh $R/run/xtask-vm/cmd.sh
@@ -483,7 +497,26 @@ fn command_script(args: &VmArgs) -> Result<String> {
     Ok(script)
 }
 
-fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u8>> {
+/// Host directories under the guest's own /tmp and /run that the command
+/// needs: the working directory, the repository and cargo's target directory.
+fn kept_host_dirs(root: &Path) -> Result<String> {
+    let mut dirs = vec![std::env::current_dir()?, root.to_owned()];
+    dirs.extend(std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from));
+    let mut kept = String::new();
+    for dir in dirs {
+        let Ok(dir) = dir.canonicalize() else {
+            continue;
+        };
+        let hidden = dir.starts_with("/tmp") || dir.starts_with("/run");
+        let line = format!("{}\n", dir.display());
+        if hidden && !kept.contains(&line) {
+            kept.push_str(&line);
+        }
+    }
+    Ok(kept)
+}
+
+fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str, kept: &str) -> Result<Vec<u8>> {
     let mut archive = cpio::Archive::default();
     for dir in [
         "/bin",
@@ -492,6 +525,7 @@ fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u
         "/sys",
         "/mnt",
         "/tmp",
+        "/keep",
         "/xtask",
         "/xtask/modules",
     ] {
@@ -519,6 +553,7 @@ fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u
     }
     archive.file("/xtask/modules.order", 0o644, order.as_bytes());
     archive.file("/xtask/cmd.sh", 0o644, script.as_bytes());
+    archive.file("/xtask/keep", 0o644, kept.as_bytes());
     Ok(archive.finish())
 }
 
@@ -636,7 +671,11 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
             .as_nanos()
     );
     let initrd = work.join("initramfs.cpio");
-    fs::write(&initrd, initramfs(kernel, &nonce, &command_script(args)?)?)?;
+    let kept = kept_host_dirs(&repo_root())?;
+    fs::write(
+        &initrd,
+        initramfs(kernel, &nonce, &command_script(args)?, &kept)?,
+    )?;
     let socket = work.join("virtiofsd.sock");
     let _virtiofsd = start_virtiofsd(&socket, &dir.join("virtiofsd.log"))?;
     eprintln!(
