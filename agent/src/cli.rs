@@ -65,5 +65,6 @@ fn init_logging() {
     env_logger::Builder::from_env(env)
         .target(env_logger::Target::Stderr)
         .format_target(false)
+        .format_timestamp_millis()
         .init();
 }

@@ -26,6 +26,7 @@ pub mod programs {
     pub const BIND6: &str = "mw_bind6";
     pub const SOCK_CREATE: &str = "mw_sock_create";
     pub const SYS_ENTER: &str = "mw_sys_enter";
+    pub const SYS_EXIT: &str = "mw_sys_exit";
     pub const SYS_ENTER_CONNECT: &str = "mw_sys_connect";
     pub const SCHED_EXEC: &str = "mw_sched_exec";
     pub const SCHED_EXIT: &str = "mw_sched_exit";
@@ -86,37 +87,6 @@ pub mod op {
     pub const CHMOD: u32 = 15;
     pub const CHOWN: u32 = 16;
 }
-
-/// Syscall tracepoints of the fallback's file/exec audit, as
-/// (program name, tracepoint name) pairs; attached only on the fallback.
-pub const AUDIT_TRACEPOINTS: [(&str, &str); 26] = [
-    ("mw_enter_openat", "sys_enter_openat"),
-    ("mw_exit_openat", "sys_exit_openat"),
-    ("mw_enter_open", "sys_enter_open"),
-    ("mw_exit_open", "sys_exit_open"),
-    ("mw_enter_openat2", "sys_enter_openat2"),
-    ("mw_exit_openat2", "sys_exit_openat2"),
-    ("mw_enter_execve", "sys_enter_execve"),
-    ("mw_exit_execve", "sys_exit_execve"),
-    ("mw_enter_execveat", "sys_enter_execveat"),
-    ("mw_exit_execveat", "sys_exit_execveat"),
-    ("mw_enter_unlinkat", "sys_enter_unlinkat"),
-    ("mw_exit_unlinkat", "sys_exit_unlinkat"),
-    ("mw_enter_mkdirat", "sys_enter_mkdirat"),
-    ("mw_exit_mkdirat", "sys_exit_mkdirat"),
-    ("mw_enter_renameat2", "sys_enter_renameat2"),
-    ("mw_exit_renameat2", "sys_exit_renameat2"),
-    ("mw_enter_linkat", "sys_enter_linkat"),
-    ("mw_exit_linkat", "sys_exit_linkat"),
-    ("mw_enter_symlinkat", "sys_enter_symlinkat"),
-    ("mw_exit_symlinkat", "sys_exit_symlinkat"),
-    ("mw_enter_truncate", "sys_enter_truncate"),
-    ("mw_exit_truncate", "sys_exit_truncate"),
-    ("mw_enter_fchmodat", "sys_enter_fchmodat"),
-    ("mw_exit_fchmodat", "sys_exit_fchmodat"),
-    ("mw_enter_fchownat", "sys_enter_fchownat"),
-    ("mw_exit_fchownat", "sys_exit_fchownat"),
-];
 
 /// Rule key kind: what an address rule grants.
 pub mod rule_kind {

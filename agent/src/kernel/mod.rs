@@ -196,30 +196,20 @@ impl Kernel {
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
-        // The fallback's audit of refused file/exec operations (Landlock
-        // and seccomp report nothing themselves).
-        for (name, tp) in mcp_warden_common::AUDIT_TRACEPOINTS {
-            let p: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
-            let id = p.attach("syscalls", tp).map_err(prog_err(name))?;
-            let link = p.take_link(id).map_err(prog_err(name))?;
-            tracepoints.push(FdLink::try_from(link)?);
-            caps.hooks.insert(name, true);
-        }
-        // Per-instance syscall counters (tagged with the call epoch).
-        {
-            let name = programs::SYS_ENTER;
+        // sys_enter: per-instance syscall counters (tagged with the call
+        // epoch) and the stash of watched file/exec syscalls; sys_exit: the
+        // audit of those the fallback's Landlock/seccomp refused.
+        for (name, tp) in [
+            (programs::SYS_ENTER, "sys_enter"),
+            (programs::SYS_EXIT, "sys_exit"),
+        ] {
             let p: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
-            let id = p.attach("sys_enter").map_err(prog_err(name))?;
+            let id = p.attach(tp).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
             tracepoints.push(FdLink::from(link));
             caps.hooks.insert(name, true);
