@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 pub mod calls;
+pub mod eof;
 pub mod framing;
 pub mod jsonrpc;
 pub mod stdio;
