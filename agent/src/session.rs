@@ -22,6 +22,9 @@ use crate::{
     policy::{Mode, OnViolation, Policy},
 };
 
+/// `direction` label values of the network byte counters, by index.
+const DIRECTIONS: [&str; 2] = ["egress", "ingress"];
+
 /// How many epochs of attribution history are kept. Events older than this
 /// (a reader far behind the kernel) are attributed as unknown, never guessed.
 const HISTORY: usize = 65_536;
@@ -58,6 +61,8 @@ struct State {
 struct CallAcct {
     tool: String,
     counts: BTreeMap<u32, u64>,
+    /// Network payload bytes: [egress, ingress].
+    bytes: [u64; 2],
     /// Another call was in flight during some of it: counts are shared.
     shared: bool,
     /// Set when the call ended: its record, and the epoch it ended at.
@@ -205,6 +210,7 @@ impl Session {
             CallAcct {
                 tool: tool.to_string(),
                 counts: BTreeMap::new(),
+                bytes: [0; 2],
                 shared: false,
                 ended: None,
             },
@@ -267,17 +273,22 @@ impl Session {
             Ok(st) => st.inst.epoch,
             Err(_) => return,
         };
-        let drained = match self.kernel.lock() {
-            Ok(mut k) => k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+        let (drained, bytes) = match self.kernel.lock() {
+            Ok(mut k) => (
+                k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+                k.drain_bytes(self.cgroup_id, (!all).then_some(before)),
+            ),
             Err(_) => return,
         };
-        let drained = match drained {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("{}: reading syscall counters: {e}", self.info.instance);
-                Vec::new()
-            }
-        };
+        let drained = drained.unwrap_or_else(|e| {
+            log::error!("{}: reading syscall counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let bytes = bytes.unwrap_or_else(|e| {
+            log::error!("{}: reading byte counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let mut idle_bytes = [0u64; 2];
         let mut idle: BTreeMap<u32, u64> = BTreeMap::new();
         let mut done = Vec::new();
         {
@@ -302,6 +313,25 @@ impl Session {
                     }
                 }
             }
+            for (epoch, dir, n) in bytes {
+                let d = usize::from(dir != mcp_warden_common::DIR_EGRESS);
+                let calls = st
+                    .history
+                    .binary_search_by_key(&epoch, |(e, _)| *e)
+                    .ok()
+                    .map(|i| st.history[i].1.clone())
+                    .unwrap_or_default();
+                if calls.is_empty() {
+                    idle_bytes[d] += n;
+                }
+                let shared = calls.len() > 1;
+                for (id, _) in &calls {
+                    if let Some(a) = st.acct.get_mut(&id.to_string()) {
+                        a.bytes[d] += n;
+                        a.shared |= shared;
+                    }
+                }
+            }
             let finished: Vec<String> = st
                 .acct
                 .iter()
@@ -320,10 +350,35 @@ impl Session {
                 .with_label_values(&[self.info.server.as_str(), "(idle)", &syscall_name(*nr)])
                 .inc_by(*n);
         }
+        for (d, n) in idle_bytes.iter().enumerate() {
+            if *n > 0 {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), "(idle)", DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+        }
         for a in done {
             let Some((_, mut rec)) = a.ended else {
                 continue;
             };
+            rec.net_bytes_out = a.bytes[0];
+            rec.net_bytes_in = a.bytes[1];
+            for (d, n) in a.bytes.iter().enumerate() {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+            for (dir, n) in [
+                ("request", rec.request_bytes),
+                ("response", rec.response_bytes),
+            ] {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, dir])
+                    .inc_by(n);
+            }
             let mut m = serde_json::Map::new();
             for (nr, n) in &a.counts {
                 let name = syscall_name(*nr);
@@ -465,6 +520,8 @@ impl crate::relay::RelayHooks for Session {
             reason: call.detail.clone(),
             request_bytes: call.request_bytes,
             response_bytes: call.response_bytes,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
         // Counting happens off the relay's path.
         let _ = self.account_tx.send(());
@@ -483,6 +540,8 @@ impl crate::relay::RelayHooks for Session {
             reason: Some(reason.to_string()),
             request_bytes: call.request_bytes,
             response_bytes: 0,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
     }
 

@@ -8,12 +8,14 @@ use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey, UnixKey,
+    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
+    UnixKey,
 };
 
 use crate::policy::compile::CompiledNet;
@@ -99,6 +101,7 @@ pub struct Kernel {
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
     syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
     caps: Capabilities,
@@ -214,6 +217,20 @@ impl Kernel {
             tracepoints.push(FdLink::from(link));
             caps.hooks.insert(name, true);
         }
+        for name in [programs::SKB_EGRESS, programs::SKB_INGRESS] {
+            let p: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            caps.hooks.insert(name, true);
+        }
+        let bytes = PerCpuHashMap::try_from(
+            ebpf.take_map(maps::BYTES)
+                .ok_or(KernelError::MissingMap(maps::BYTES))?,
+        )
+        .map_err(map_err(maps::BYTES))?;
         let syscalls = PerCpuHashMap::try_from(
             ebpf.take_map(maps::SYSCALLS)
                 .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
@@ -257,6 +274,7 @@ impl Kernel {
             unix,
             stats,
             syscalls,
+            bytes,
             events: Some(events),
             _tracepoints: tracepoints,
             caps,
@@ -303,6 +321,22 @@ impl Kernel {
             .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         links.push((name, FdLink::try_from(link)?));
+        for (name, ty) in [
+            (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
+            (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let p: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let id = p
+                .attach(cgroup.as_fd(), ty, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            links.push((name, FdLink::try_from(link)?));
+        }
         Ok(CgroupLinks { links })
     }
 
@@ -390,22 +424,27 @@ impl Kernel {
         cgroup_id: u64,
         before_epoch: Option<u64>,
     ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
-        let keys: Vec<SyscallKey> = self
-            .syscalls
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b))
-            .collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            match self.syscalls.get(&k, 0) {
-                Ok(v) => out.push((k.epoch, k.nr, v.iter().sum())),
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(maps::SYSCALLS)(e)),
-            }
-            ignore_missing(self.syscalls.remove(&k)).map_err(map_err(maps::SYSCALLS))?;
-        }
-        Ok(out)
+        let taken = drain(&mut self.syscalls, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::SYSCALLS))?;
+        Ok(taken.into_iter().map(|(k, n)| (k.epoch, k.nr, n)).collect())
+    }
+
+    /// The same for network payload bytes: (epoch, direction, bytes).
+    pub fn drain_bytes(
+        &mut self,
+        cgroup_id: u64,
+        before_epoch: Option<u64>,
+    ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
+        let taken = drain(&mut self.bytes, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::BYTES))?;
+        Ok(taken
+            .into_iter()
+            .map(|(k, n)| (k.epoch, k.dir, n))
+            .collect())
     }
 
     /// Events the kernel could not deliver, per kind index, summed over CPUs.
@@ -427,4 +466,27 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
     }
+}
+
+/// Take the entries `take` selects out of a per-CPU counter map, summing
+/// each over CPUs.
+fn drain<K: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, u64>,
+    take: impl Fn(&K) -> bool,
+) -> Result<Vec<(K, u64)>, aya::maps::MapError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| take(k))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        match map.get(&k, 0) {
+            Ok(v) => out.push((k, v.iter().sum())),
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        }
+        ignore_missing(map.remove(&k))?;
+    }
+    Ok(out)
 }
