@@ -80,6 +80,9 @@ pub struct Session {
     sinks: Arc<Mutex<Sinks>>,
     metrics: Metrics,
     account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The MCP client's name and version from the handshake, stamped on
+    /// every record once known (identity across a fleet).
+    client: Mutex<Value>,
 }
 
 impl std::fmt::Debug for Session {
@@ -142,7 +145,15 @@ impl Session {
             sinks,
             metrics,
             account_tx,
+            client: Mutex::new(Value::Null),
         })
+    }
+
+    /// Add the client's identity to a record.
+    fn stamp(&self, rec: &mut Value) {
+        if let (Value::Object(m), Ok(c)) = (rec, self.client.lock()) {
+            m.insert("client".into(), c.clone());
+        }
     }
 
     pub fn info(&self) -> &InstanceInfo {
@@ -397,7 +408,8 @@ impl Session {
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
-        let rec = events::kernel_record(ev, &self.info, &attr);
+        let mut rec = events::kernel_record(ev, &self.info, &attr);
+        self.stamp(&mut rec);
         if ev.decision != decision::ALLOW {
             self.metrics
                 .violations
@@ -451,7 +463,8 @@ impl Session {
                 .with_label_values(&[self.info.server.as_str(), &label])
                 .observe(c.duration_ms / 1000.0);
         }
-        let rec = events::tool_call_record(&self.info, c);
+        let mut rec = events::tool_call_record(&self.info, c);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -459,7 +472,8 @@ impl Session {
 
     /// Emit a lifecycle record.
     pub fn record(&self, kind: &str, fields: Value) {
-        let rec = events::lifecycle_record(kind, &self.info, fields);
+        let mut rec = events::lifecycle_record(kind, &self.info, fields);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -546,6 +560,14 @@ impl crate::relay::RelayHooks for Session {
     }
 
     fn session_info(&self, info: &crate::relay::SessionInfo) {
+        if info.client_name.is_some() {
+            if let Ok(mut c) = self.client.lock() {
+                *c = serde_json::json!({
+                    "name": info.client_name,
+                    "version": info.client_version,
+                });
+            }
+        }
         self.record(
             "server",
             serde_json::json!({

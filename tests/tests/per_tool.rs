@@ -87,6 +87,11 @@ fn a_tool_right_holds_only_during_its_own_calls() {
         .iter()
         .find(|e| e["tool"] == "compute")
         .unwrap_or_else(|| panic!("no denial attributed to compute: {denials:#?}"));
+    // Identity: who launched it, on which host, through which client.
+    assert_eq!(compute["user"], "root");
+    assert_eq!(compute["uid"], 0);
+    assert!(compute["host"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(compute["client"]["name"], "mcp", "{compute}");
     assert!(compute["call_id"].is_number(), "{compute}");
     assert_eq!(compute["calls_in_flight"].as_array().map(Vec::len), Some(1));
     let idle = denials
