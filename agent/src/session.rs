@@ -559,6 +559,51 @@ impl crate::relay::RelayHooks for Session {
         });
     }
 
+    fn server_request(&self, method: &str, decision: crate::policy::Governance) {
+        use crate::policy::Governance;
+        let calls = self
+            .state
+            .lock()
+            .map(|st| {
+                st.in_flight
+                    .iter()
+                    .map(|c| (c.id.clone(), c.tool.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let attr = crate::events::Attribution { calls };
+        let d = match decision {
+            Governance::Allow => "allow",
+            Governance::Log => "audit",
+            Governance::Deny => "deny",
+        };
+        if decision != Governance::Allow {
+            log::warn!(
+                "{}: server-initiated {method} {} (policy [mcp])",
+                self.info.instance,
+                if decision == Governance::Deny {
+                    "refused"
+                } else {
+                    "logged"
+                }
+            );
+            self.metrics
+                .violations
+                .with_label_values(&[self.info.server.as_str(), &attr.tool_label(), "server", d])
+                .inc();
+        }
+        self.record(
+            "server",
+            serde_json::json!({
+                "event": "server_request",
+                "method": method,
+                "decision": d,
+                "tool": attr.tool(),
+                "call_id": attr.call_id(),
+            }),
+        );
+    }
+
     fn session_info(&self, info: &crate::relay::SessionInfo) {
         if info.client_name.is_some() {
             if let Ok(mut c) = self.client.lock() {
