@@ -83,6 +83,8 @@ pub struct Session {
     /// The MCP client's name and version from the handshake, stamped on
     /// every record once known (identity across a fleet).
     client: Mutex<Value>,
+    /// Where calls of `[mcp] approval` tools wait for a person.
+    approvals: std::sync::OnceLock<crate::approval::Approvals>,
 }
 
 impl std::fmt::Debug for Session {
@@ -146,7 +148,66 @@ impl Session {
             metrics,
             account_tx,
             client: Mutex::new(Value::Null),
+            approvals: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Connect the session to its agent's approval service.
+    pub fn set_approvals(&self, a: crate::approval::Approvals) {
+        let _ = self.approvals.set(a);
+    }
+
+    /// Hold a call of an `[mcp] approval` tool until a person decides.
+    async fn await_approval(&self, id: &Value, tool: &str, args_hash: &str) -> Result<(), String> {
+        use crate::approval::Decision;
+        let Some(appr) = self.approvals.get() else {
+            return Err("the tool needs approval and no approval service is running".into());
+        };
+        let timeout = std::time::Duration::from_secs(self.policy.mcp.approval_timeout_secs);
+        let info = serde_json::json!({
+            "server": self.info.server,
+            "instance": self.info.instance,
+            "tool": tool,
+            "call_id": id,
+            "args_sha256": args_hash,
+            "requested_at": crate::events::now_rfc3339(),
+        });
+        let (aid, decision) = appr.request(info, self.info.uid, timeout);
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_requested", "approval_id": aid,
+                               "tool": tool, "call_id": id}),
+        );
+        eprintln!(
+            "mcp-warden: tools/call {tool} (id {id}) of {} waits for approval: \
+             `mcp-warden approve {aid}` or `mcp-warden deny {aid}` ({} s, then denied)",
+            self.info.instance,
+            timeout.as_secs()
+        );
+        let d = decision.await;
+        let (outcome, by, result) = match &d {
+            Decision::Approved { by } => ("approved", Value::String(by.clone()), Ok(())),
+            Decision::Denied { by } => (
+                "denied",
+                Value::String(by.clone()),
+                Err(format!("denied by {by} (approval {aid})")),
+            ),
+            Decision::TimedOut => (
+                "timed_out",
+                Value::Null,
+                Err(format!(
+                    "no decision within {} s (approval {aid}); a timeout denies",
+                    timeout.as_secs()
+                )),
+            ),
+        };
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_decided", "approval_id": aid,
+                               "tool": tool, "call_id": id, "decision": outcome,
+                               "decided_by": by}),
+        );
+        result
     }
 
     /// Add the client's identity to a record.
@@ -507,9 +568,19 @@ impl crate::relay::RelayHooks for Session {
         &self,
         call: &crate::relay::CallStart,
     ) -> impl std::future::Future<Output = Result<(), crate::relay::HookError>> + Send {
-        let r = Session::call_begin(self, &id_value(&call.id), &call.tool)
-            .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()));
-        async move { r }
+        let id = id_value(&call.id);
+        let tool = call.tool.clone();
+        let hash = call.args_hash.clone();
+        let needs_approval = self.policy.mcp.approval.iter().any(|t| *t == tool);
+        async move {
+            if needs_approval {
+                self.await_approval(&id, &tool, &hash)
+                    .await
+                    .map_err(crate::relay::HookError::Refused)?;
+            }
+            Session::call_begin(self, &id, &tool)
+                .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()))
+        }
     }
 
     fn call_end(
