@@ -571,7 +571,7 @@ impl crate::relay::RelayHooks for Session {
         let id = id_value(&call.id);
         let tool = call.tool.clone();
         let hash = call.args_hash.clone();
-        let needs_approval = self.policy.mcp.approval.iter().any(|t| *t == tool);
+        let needs_approval = self.policy.mcp.approval.contains(&tool);
         async move {
             if needs_approval {
                 self.await_approval(&id, &tool, &hash)
