@@ -67,7 +67,7 @@ fn approval_run(verb: &str) -> (Value, mcp_warden_tests::Run, bool) {
         python_read_rules()
     );
     let sc = Scenario::new("approval", &policy);
-    let server = vec![
+    let server = [
         venv_python().display().to_string(),
         repo_root()
             .join("tests/fixtures/sdk/tool_server.py")
