@@ -30,12 +30,22 @@ use crate::{
     },
     events::{
         sink::{EventSink, JsonLinesFile},
-        InstanceInfo, Sinks, ToolCallRecord,
+        InstanceInfo, Sinks,
     },
     host::{Host, HostError, HostOptions, Registered},
-    policy::{self, Policy, Vars},
+    policy::{self, model::Governance, Policy, Vars},
+    relay::{CallEnd, CallStart, Outcome, RelayHooks, RequestId, SessionInfo},
     session::Session,
 };
+
+/// A JSON-RPC id from the wire (a number keeps its text).
+fn request_id(v: &Value) -> Result<RequestId, String> {
+    match v {
+        Value::Number(n) => Ok(RequestId::Number(n.to_string())),
+        Value::String(s) => Ok(RequestId::String(s.clone())),
+        other => Err(format!("bad call id {other}")),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -859,24 +869,36 @@ impl Agent {
         control::ok(json!({"instance": instance, "calls_restored": restored}))
     }
 
-    fn call_done(&self, e: &Entry, c: &CallDone, refused: bool) {
-        let outcome: &'static str = match c.outcome.as_str() {
-            "ok" => "ok",
-            "error" => "error",
-            "cancelled" => "cancelled",
-            _ => "refused",
-        };
-        e.session.record_call(&ToolCallRecord {
+    /// The relay's view of a call, rebuilt from the wire, so the session's
+    /// own hooks (rights, approval, accounting, records) run in the agent
+    /// exactly as they run in a standalone `run`.
+    fn call_start(c: &CallDone) -> Result<CallStart, String> {
+        Ok(CallStart {
+            id: request_id(&c.call_id)?,
             tool: c.tool.clone(),
-            call_id: c.call_id.clone(),
-            outcome: if refused { "refused" } else { outcome },
-            duration_ms: c.duration_ms,
-            args_hash: c.args_sha256.clone(),
-            syscalls: None,
-            reason: c.reason.clone(),
+            args_hash: c.args_sha256.clone().unwrap_or_default(),
+            request_bytes: c.request_bytes,
+            task: false,
+        })
+    }
+
+    fn call_end_of(c: &CallDone) -> Result<CallEnd, String> {
+        Ok(CallEnd {
+            id: request_id(&c.call_id)?,
+            tool: c.tool.clone(),
+            args_hash: c.args_sha256.clone().unwrap_or_default(),
+            outcome: match c.outcome.as_str() {
+                "ok" => Outcome::Ok,
+                "error" => Outcome::Error,
+                "cancelled" => Outcome::Cancelled,
+                _ => Outcome::Refused,
+            },
+            duration: Duration::from_secs_f64((c.duration_ms / 1000.0).max(0.0)),
             request_bytes: c.request_bytes,
             response_bytes: c.response_bytes,
-        });
+            task_id: c.task_id.clone(),
+            detail: c.reason.clone(),
+        })
     }
 
     /// Tear an instance down (server exited, or nobody left to care).
@@ -1130,34 +1152,90 @@ impl Handler for Agent {
                 token,
                 calls,
             } => self.attach(peer, conn, &instance, &token, calls).await,
-            Request::CallBegin { call_id, tool } => match self.bound(peer, conn) {
+            Request::CallBegin {
+                call_id,
+                tool,
+                args_sha256,
+                request_bytes,
+                task,
+            } => match self.bound(peer, conn) {
                 Err(m) => control::err(m),
                 Ok(e) => {
+                    // The agent's policy is the one in force (a reload may
+                    // have changed it since the client read its copy).
                     if !e.session.policy().tool_allowed(&tool) {
                         control::err(format!("tool {tool:?} is not allowed by the policy"))
                     } else {
-                        match e.session.call_begin(&call_id, &tool) {
-                            Ok(()) => control::ok(json!({})),
-                            Err(err) => control::err(err),
+                        match request_id(&call_id) {
+                            Err(m) => control::err(m),
+                            Ok(id) => {
+                                let start = CallStart {
+                                    id,
+                                    tool,
+                                    args_hash: args_sha256.unwrap_or_default(),
+                                    request_bytes,
+                                    task,
+                                };
+                                match RelayHooks::call_begin(&*e.session, &start).await {
+                                    Ok(()) => control::ok(json!({})),
+                                    Err(err) => control::err(err),
+                                }
+                            }
                         }
                     }
                 }
             },
             Request::CallEnd(c) => match self.bound(peer, conn) {
                 Err(m) => control::err(m),
-                Ok(e) => {
-                    let r = e.session.call_end(&c.call_id);
-                    self.call_done(&e, &c, false);
-                    match r {
-                        Ok(_) => control::ok(json!({})),
-                        Err(err) => control::err(err),
+                Ok(e) => match Self::call_end_of(&c) {
+                    Err(m) => control::err(m),
+                    Ok(end) => {
+                        RelayHooks::call_end(&*e.session, &end).await;
+                        control::ok(json!({}))
                     }
-                }
+                },
             },
             Request::CallRefused(c) => match self.bound(peer, conn) {
                 Err(m) => control::err(m),
+                Ok(e) => match Self::call_start(&c) {
+                    Err(m) => control::err(m),
+                    Ok(start) => {
+                        RelayHooks::call_refused(
+                            &*e.session,
+                            &start,
+                            c.reason.as_deref().unwrap_or("refused by the relay"),
+                        );
+                        control::ok(json!({}))
+                    }
+                },
+            },
+            Request::SessionInfo(h) => match self.bound(peer, conn) {
+                Err(m) => control::err(m),
                 Ok(e) => {
-                    self.call_done(&e, &c, true);
+                    RelayHooks::session_info(
+                        &*e.session,
+                        &SessionInfo {
+                            handshake: None,
+                            protocol_version: h.protocol_version,
+                            client_name: h.client_name,
+                            client_version: h.client_version,
+                            negotiated_version: h.negotiated_version,
+                            server_name: h.server_name,
+                            server_version: h.server_version,
+                        },
+                    );
+                    control::ok(json!({}))
+                }
+            },
+            Request::ServerRequest { method, decision } => match self.bound(peer, conn) {
+                Err(m) => control::err(m),
+                Ok(e) => {
+                    let d = match decision.as_str() {
+                        "allow" => Governance::Allow,
+                        "log" => Governance::Log,
+                        _ => Governance::Deny,
+                    };
+                    RelayHooks::server_request(&*e.session, &method, d);
                     control::ok(json!({}))
                 }
             },

@@ -86,6 +86,8 @@ pub struct Host {
     cgroup_parent: String,
     adopted: bool,
     events_gate: Mutex<Option<oneshot::Sender<()>>>,
+    approvals: crate::approval::Approvals,
+    _approval_socket: Option<crate::approval::ServeGuard>,
 }
 
 /// How the host loads and places things.
@@ -157,6 +159,7 @@ impl Host {
             let _ = gate_tx.send(());
             None
         };
+        let approvals = crate::approval::Approvals::default();
         Ok(Self {
             events_gate: Mutex::new(gate),
             kernel: Arc::new(Mutex::new(kernel)),
@@ -170,6 +173,14 @@ impl Host {
             pins,
             cgroup_parent: opts.cgroup_parent,
             adopted,
+            _approval_socket: match approvals.serve() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    log::warn!("approvals: {e}; tools that need approval will be refused");
+                    None
+                }
+            },
+            approvals,
         })
     }
 
@@ -205,8 +216,7 @@ impl Host {
         if let Ok(k) = self.kernel.lock() {
             if let Ok(lost) = k.lost() {
                 for (i, n) in lost.iter().enumerate() {
-                    let name = events::kind_name(i as u32);
-                    if name != "unknown" {
+                    if let Some(name) = events::lost_kind_name(i as u32) {
                         *out.entry(name).or_insert(0) += *n;
                     }
                 }
@@ -271,6 +281,7 @@ impl Host {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         info.backend = self.backend.to_string();
+        let (account_tx, account_rx) = tokio::sync::mpsc::unbounded_channel();
         let session = Arc::new(Session::resume(
             self.kernel.clone(),
             cgroup_id,
@@ -281,14 +292,18 @@ impl Host {
             info,
             self.sinks.clone(),
             self.metrics.clone(),
+            account_tx,
             state.epoch,
         )?);
+        let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
+        session.set_approvals(self.approvals.clone());
         let mut reg = Registered {
             session,
             cgroup: Some(cg),
             hooks: links.hooks(),
             links: Some(links),
             dns_task: None,
+            accountant: Some(accountant),
         };
         self.sessions
             .lock()
@@ -336,10 +351,9 @@ impl Host {
         let Ok(k) = self.kernel.lock() else { return };
         if let Ok(lost) = k.lost() {
             for (i, n) in lost.iter().enumerate() {
-                let name = events::kind_name(i as u32);
-                if name == "unknown" {
+                let Some(name) = events::lost_kind_name(i as u32) else {
                     continue;
-                }
+                };
                 let c = self.metrics.events_lost.with_label_values(&[name]);
                 let cur = c.get();
                 if *n > cur {
@@ -384,6 +398,7 @@ impl Host {
         let mut info = info;
         info.instance = name.clone();
         info.backend = self.backend.to_string();
+        let (account_tx, account_rx) = tokio::sync::mpsc::unbounded_channel();
         let session = Arc::new(Session::new(
             self.kernel.clone(),
             cg.id(),
@@ -394,13 +409,17 @@ impl Host {
             info,
             self.sinks.clone(),
             self.metrics.clone(),
+            account_tx,
         )?);
+        let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
+        session.set_approvals(self.approvals.clone());
         let mut reg = Registered {
             session,
             cgroup: Some(cg),
             links: None,
             dns_task: None,
             hooks: Vec::new(),
+            accountant: Some(accountant),
         };
         self.install_rules(&mut reg, &policy, policy_id).await?;
         let mut links = {
@@ -619,6 +638,12 @@ impl Host {
         }
         self.drain().await;
         self.refresh_lost();
+        if let Some(t) = reg.accountant.take() {
+            t.abort();
+        }
+        // Last syscall counts, and the records of calls still waiting on them.
+        let s = reg.session.clone();
+        let _ = tokio::task::spawn_blocking(move || s.account(true)).await;
         reg.session
             .record("server", json!({"event": "exited", "status": status}));
         if let Some(l) = reg.links.take() {
@@ -671,6 +696,7 @@ pub struct Registered {
     links: Option<CgroupLinks>,
     dns_task: Option<tokio::task::JoinHandle<()>>,
     hooks: Vec<&'static str>,
+    accountant: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Registered {
@@ -702,6 +728,9 @@ impl Registered {
             std::mem::forget(cg);
         }
         if let Some(t) = self.dns_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.accountant.take() {
             t.abort();
         }
     }

@@ -19,9 +19,11 @@ use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    control::{client::Client, response_error, CallDone, CallRef, ControlError, Request},
+    control::{
+        client::Client, response_error, CallDone, CallRef, ControlError, Handshake, Request,
+    },
     events::sink::{EventSink, JsonLinesFile, StderrDenials},
-    policy,
+    policy::{self, model::Governance},
     relay::{CallEnd, CallStart, HookError, RelayHooks, SessionInfo},
     run::{exit_code, RunArgs, RunError},
     session::id_value,
@@ -40,12 +42,16 @@ struct Link {
 }
 
 impl Link {
+    async fn request(&self, req: &Request) -> Result<Value, ControlError> {
+        self.request_within(req, REQUEST_LIMIT).await
+    }
+
     /// Send `req` on the connection, re-establishing it (and re-identifying
     /// the instance) once if it broke.
-    async fn request(&self, req: &Request) -> Result<Value, ControlError> {
+    async fn request_within(&self, req: &Request, limit: Duration) -> Result<Value, ControlError> {
         let mut g = self.conn.lock().await;
         if let Some(c) = g.as_mut() {
-            match c.request_within(req, REQUEST_LIMIT).await {
+            match c.request_within(req, limit).await {
                 Ok(v) => return Ok(v),
                 Err(ControlError::Refused(e)) => return Err(ControlError::Refused(e)),
                 Err(e) => {
@@ -58,7 +64,7 @@ impl Link {
             }
         }
         let c = g.insert(self.reattach().await?);
-        c.request_within(req, REQUEST_LIMIT).await
+        c.request_within(req, limit).await
     }
 
     async fn reattach(&self) -> Result<Client, ControlError> {
@@ -90,7 +96,12 @@ impl Link {
 }
 
 /// The relay's hooks: each call's begin and end go to the agent.
-struct AgentHooks(Arc<Link>);
+struct AgentHooks {
+    link: Arc<Link>,
+    /// Tools whose calls wait for a person's approval, and how long.
+    approval: Vec<String>,
+    approval_limit: Duration,
+}
 
 fn done(c: &CallEnd) -> CallDone {
     CallDone {
@@ -102,6 +113,7 @@ fn done(c: &CallEnd) -> CallDone {
         reason: c.detail.clone(),
         request_bytes: c.request_bytes,
         response_bytes: c.response_bytes,
+        task_id: c.task_id.clone(),
     }
 }
 
@@ -110,15 +122,23 @@ impl RelayHooks for AgentHooks {
         &self,
         call: &CallStart,
     ) -> impl std::future::Future<Output = Result<(), HookError>> + Send {
-        let link = self.0.clone();
+        let link = self.link.clone();
         let id = id_value(&call.id);
         let tool = call.tool.clone();
+        let limit = if self.approval.contains(&tool) {
+            self.approval_limit
+        } else {
+            REQUEST_LIMIT
+        };
+        let req = Request::CallBegin {
+            call_id: id.clone(),
+            tool: tool.clone(),
+            args_sha256: Some(call.args_hash.clone()),
+            request_bytes: call.request_bytes,
+            task: call.task,
+        };
         async move {
-            let req = Request::CallBegin {
-                call_id: id.clone(),
-                tool: tool.clone(),
-            };
-            match link.request(&req).await {
+            match link.request_within(&req, limit).await {
                 Ok(_) => {
                     if let Ok(mut v) = link.in_flight.lock() {
                         v.push(CallRef { call_id: id, tool });
@@ -132,7 +152,7 @@ impl RelayHooks for AgentHooks {
     }
 
     fn call_end(&self, call: &CallEnd) -> impl std::future::Future<Output = ()> + Send {
-        let link = self.0.clone();
+        let link = self.link.clone();
         let d = done(call);
         async move {
             if let Ok(mut v) = link.in_flight.lock() {
@@ -146,7 +166,7 @@ impl RelayHooks for AgentHooks {
     }
 
     fn call_refused(&self, call: &CallStart, reason: &str) {
-        let link = self.0.clone();
+        let link = self.link.clone();
         let d = CallDone {
             call_id: id_value(&call.id),
             tool: call.tool.clone(),
@@ -156,6 +176,7 @@ impl RelayHooks for AgentHooks {
             reason: Some(reason.to_string()),
             request_bytes: call.request_bytes,
             response_bytes: 0,
+            task_id: None,
         };
         tokio::spawn(async move {
             let _ = link.request(&Request::CallRefused(d)).await;
@@ -163,17 +184,33 @@ impl RelayHooks for AgentHooks {
     }
 
     fn session_info(&self, info: &SessionInfo) {
-        let link = self.0.clone();
-        let fields = json!({
-            "event": "handshake",
-            "protocol_version": info.negotiated_version.as_ref().or(info.protocol_version.as_ref()),
-            "client_name": info.client_name,
-            "client_version": info.client_version,
-            "server_name": info.server_name,
-            "server_version": info.server_version,
-        });
+        let link = self.link.clone();
+        let h = Handshake {
+            protocol_version: info.protocol_version.clone(),
+            client_name: info.client_name.clone(),
+            client_version: info.client_version.clone(),
+            negotiated_version: info.negotiated_version.clone(),
+            server_name: info.server_name.clone(),
+            server_version: info.server_version.clone(),
+        };
         tokio::spawn(async move {
-            let _ = link.request(&Request::Record { fields }).await;
+            let _ = link.request(&Request::SessionInfo(h)).await;
+        });
+    }
+
+    fn server_request(&self, method: &str, decision: Governance) {
+        let link = self.link.clone();
+        let req = Request::ServerRequest {
+            method: method.to_string(),
+            decision: match decision {
+                Governance::Allow => "allow",
+                Governance::Log => "log",
+                Governance::Deny => "deny",
+            }
+            .to_string(),
+        };
+        tokio::spawn(async move {
+            let _ = link.request(&req).await;
         });
     }
 }
@@ -438,7 +475,11 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
         child_in,
         child_out,
         pol.clone(),
-        Arc::new(AgentHooks(link.clone())),
+        Arc::new(AgentHooks {
+            link: link.clone(),
+            approval: pol.mcp.approval.to_vec(),
+            approval_limit: Duration::from_secs(pol.mcp.approval_timeout_secs) + REQUEST_LIMIT,
+        }),
     ));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

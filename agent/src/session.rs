@@ -7,7 +7,7 @@
 //! relay forwards the request only once the tool's rights are in force.
 //! `call_end` withdraws them before the relay forwards the response.
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -21,6 +21,9 @@ use crate::{
     metrics::Metrics,
     policy::{Mode, OnViolation, Policy},
 };
+
+/// `direction` label values of the network byte counters, by index.
+const DIRECTIONS: [&str; 2] = ["egress", "ingress"];
 
 /// How many epochs of attribution history are kept. Events older than this
 /// (a reader far behind the kernel) are attributed as unknown, never guessed.
@@ -48,6 +51,22 @@ struct State {
     in_flight: Vec<InFlight>,
     /// (epoch, calls in flight during it), oldest first.
     history: VecDeque<(u64, Vec<(Value, String)>)>,
+    /// Syscall accounting of calls in flight or ended and not yet drained,
+    /// keyed by the call id's JSON text.
+    acct: HashMap<String, CallAcct>,
+}
+
+/// A call's syscall counts while they are being gathered from the kernel.
+#[derive(Debug)]
+struct CallAcct {
+    tool: String,
+    counts: BTreeMap<u32, u64>,
+    /// Network payload bytes: [egress, ingress].
+    bytes: [u64; 2],
+    /// Another call was in flight during some of it: counts are shared.
+    shared: bool,
+    /// Set when the call ended: its record, and the epoch it ended at.
+    ended: Option<(u64, ToolCallRecord)>,
 }
 
 /// Shared between the relay, the event reader and the signal handler.
@@ -61,6 +80,12 @@ pub struct Session {
     state: Mutex<State>,
     sinks: Arc<Mutex<Sinks>>,
     metrics: Metrics,
+    account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    /// The MCP client's name and version from the handshake, stamped on
+    /// every record once known (identity across a fleet).
+    client: Mutex<Value>,
+    /// Where calls of `[mcp] approval` tools wait for a person.
+    approvals: std::sync::OnceLock<crate::approval::Approvals>,
 }
 
 impl std::fmt::Debug for Session {
@@ -85,6 +110,7 @@ impl Session {
         info: InstanceInfo,
         sinks: Arc<Mutex<Sinks>>,
         metrics: Metrics,
+        account_tx: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Self, SessionError> {
         Self::resume(
             kernel,
@@ -96,6 +122,7 @@ impl Session {
             info,
             sinks,
             metrics,
+            account_tx,
             0,
         )
     }
@@ -114,6 +141,7 @@ impl Session {
         info: InstanceInfo,
         sinks: Arc<Mutex<Sinks>>,
         metrics: Metrics,
+        account_tx: tokio::sync::mpsc::UnboundedSender<()>,
         epoch: u64,
     ) -> Result<Self, SessionError> {
         let mut fl = 0;
@@ -147,10 +175,79 @@ impl Session {
                 inst,
                 in_flight: Vec::new(),
                 history,
+                acct: HashMap::new(),
             }),
             sinks,
             metrics,
+            account_tx,
+            client: Mutex::new(Value::Null),
+            approvals: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Connect the session to its agent's approval service.
+    pub fn set_approvals(&self, a: crate::approval::Approvals) {
+        let _ = self.approvals.set(a);
+    }
+
+    /// Hold a call of an `[mcp] approval` tool until a person decides.
+    async fn await_approval(&self, id: &Value, tool: &str, args_hash: &str) -> Result<(), String> {
+        use crate::approval::Decision;
+        let Some(appr) = self.approvals.get() else {
+            return Err("the tool needs approval and no approval service is running".into());
+        };
+        let timeout = std::time::Duration::from_secs(self.policy().mcp.approval_timeout_secs);
+        let info = serde_json::json!({
+            "server": self.info.server,
+            "instance": self.info.instance,
+            "tool": tool,
+            "call_id": id,
+            "args_sha256": args_hash,
+            "requested_at": crate::events::now_rfc3339(),
+        });
+        let (aid, decision) = appr.request(info, self.info.uid, timeout);
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_requested", "approval_id": aid,
+                               "tool": tool, "call_id": id}),
+        );
+        eprintln!(
+            "mcp-warden: tools/call {tool} (id {id}) of {} waits for approval: \
+             `mcp-warden approve {aid}` or `mcp-warden deny {aid}` ({} s, then denied)",
+            self.info.instance,
+            timeout.as_secs()
+        );
+        let d = decision.await;
+        let (outcome, by, result) = match &d {
+            Decision::Approved { by } => ("approved", Value::String(by.clone()), Ok(())),
+            Decision::Denied { by } => (
+                "denied",
+                Value::String(by.clone()),
+                Err(format!("denied by {by} (approval {aid})")),
+            ),
+            Decision::TimedOut => (
+                "timed_out",
+                Value::Null,
+                Err(format!(
+                    "no decision within {} s (approval {aid}); a timeout denies",
+                    timeout.as_secs()
+                )),
+            ),
+        };
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_decided", "approval_id": aid,
+                               "tool": tool, "call_id": id, "decision": outcome,
+                               "decided_by": by}),
+        );
+        result
+    }
+
+    /// Add the client's identity to a record.
+    fn stamp(&self, rec: &mut Value) {
+        if let (Value::Object(m), Ok(c)) = (rec, self.client.lock()) {
+            m.insert("client".into(), c.clone());
+        }
     }
 
     pub fn info(&self) -> &InstanceInfo {
@@ -264,8 +361,19 @@ impl Session {
             bit: self.policy().tool_bit(tool).unwrap_or(0),
             started: Instant::now(),
         });
+        st.acct.insert(
+            id.to_string(),
+            CallAcct {
+                tool: tool.to_string(),
+                counts: BTreeMap::new(),
+                bytes: [0; 2],
+                shared: false,
+                ended: None,
+            },
+        );
         if let Err(e) = self.publish(&mut st) {
             st.in_flight.retain(|c| &c.id != id);
+            st.acct.remove(&id.to_string());
             return Err(e);
         }
         Ok(())
@@ -295,10 +403,158 @@ impl Session {
         })
     }
 
+    /// The call ended (its rights are already withdrawn): keep its record
+    /// until its syscall counts are drained from the kernel by
+    /// [`Session::account`], which emits it.
+    pub fn call_finished(&self, rec: ToolCallRecord) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let epoch = st.inst.epoch;
+        match st.acct.get_mut(&rec.call_id.to_string()) {
+            Some(a) => a.ended = Some((epoch, rec)),
+            None => {
+                drop(st);
+                self.emit_call(rec);
+            }
+        }
+    }
+
+    /// Drain the syscall counters of every epoch that can no longer grow,
+    /// attribute them to the calls in flight during each epoch (exact when
+    /// alone, shared otherwise, "(idle)" when none), and emit the records of
+    /// calls whose counts are complete. `all`: the instance has ended.
+    pub fn account(&self, all: bool) {
+        let before = match self.state.lock() {
+            Ok(st) => st.inst.epoch,
+            Err(_) => return,
+        };
+        let (drained, bytes) = match self.kernel.lock() {
+            Ok(mut k) => (
+                k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+                k.drain_bytes(self.cgroup_id, (!all).then_some(before)),
+            ),
+            Err(_) => return,
+        };
+        let drained = drained.unwrap_or_else(|e| {
+            log::error!("{}: reading syscall counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let bytes = bytes.unwrap_or_else(|e| {
+            log::error!("{}: reading byte counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let mut idle_bytes = [0u64; 2];
+        let mut idle: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut done = Vec::new();
+        {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            for (epoch, nr, n) in drained {
+                let calls = st
+                    .history
+                    .binary_search_by_key(&epoch, |(e, _)| *e)
+                    .ok()
+                    .map(|i| st.history[i].1.clone())
+                    .unwrap_or_default();
+                if calls.is_empty() {
+                    *idle.entry(nr).or_default() += n;
+                }
+                let shared = calls.len() > 1;
+                for (id, _) in &calls {
+                    if let Some(a) = st.acct.get_mut(&id.to_string()) {
+                        *a.counts.entry(nr).or_default() += n;
+                        a.shared |= shared;
+                    }
+                }
+            }
+            for (epoch, dir, n) in bytes {
+                let d = usize::from(dir != mcp_warden_common::DIR_EGRESS);
+                let calls = st
+                    .history
+                    .binary_search_by_key(&epoch, |(e, _)| *e)
+                    .ok()
+                    .map(|i| st.history[i].1.clone())
+                    .unwrap_or_default();
+                if calls.is_empty() {
+                    idle_bytes[d] += n;
+                }
+                let shared = calls.len() > 1;
+                for (id, _) in &calls {
+                    if let Some(a) = st.acct.get_mut(&id.to_string()) {
+                        a.bytes[d] += n;
+                        a.shared |= shared;
+                    }
+                }
+            }
+            let finished: Vec<String> = st
+                .acct
+                .iter()
+                .filter(|(_, a)| a.ended.as_ref().is_some_and(|(e, _)| all || *e <= before))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in finished {
+                if let Some(a) = st.acct.remove(&k) {
+                    done.push(a);
+                }
+            }
+        }
+        for (nr, n) in &idle {
+            self.metrics
+                .tool_syscalls
+                .with_label_values(&[self.info.server.as_str(), "(idle)", &syscall_name(*nr)])
+                .inc_by(*n);
+        }
+        for (d, n) in idle_bytes.iter().enumerate() {
+            if *n > 0 {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), "(idle)", DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+        }
+        for a in done {
+            let Some((_, mut rec)) = a.ended else {
+                continue;
+            };
+            rec.net_bytes_out = a.bytes[0];
+            rec.net_bytes_in = a.bytes[1];
+            for (d, n) in a.bytes.iter().enumerate() {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+            for (dir, n) in [
+                ("request", rec.request_bytes),
+                ("response", rec.response_bytes),
+            ] {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, dir])
+                    .inc_by(n);
+            }
+            let mut m = serde_json::Map::new();
+            for (nr, n) in &a.counts {
+                let name = syscall_name(*nr);
+                self.metrics
+                    .tool_syscalls
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, &name])
+                    .inc_by(*n);
+                m.insert(name, serde_json::json!(n));
+            }
+            rec.syscalls = Some(m);
+            rec.syscalls_shared = a.shared;
+            self.emit_call(rec);
+        }
+    }
+
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
-        let rec = events::kernel_record(ev, &self.info, &attr);
+        let mut rec = events::kernel_record(ev, &self.info, &attr);
+        self.stamp(&mut rec);
         if ev.decision != decision::ALLOW {
             self.metrics
                 .violations
@@ -314,6 +570,10 @@ impl Session {
             s.emit(&rec);
         }
         if ev.decision == decision::DENY && self.policy().on_violation == OnViolation::Kill {
+            log::warn!(
+                "{}: killing the server tree (on_violation = kill)",
+                self.info.instance
+            );
             self.kill_tree("on_violation = kill");
         }
     }
@@ -322,13 +582,17 @@ impl Session {
     pub fn kill_tree(&self, why: &str) {
         let kill = self.cgroup_path.join("cgroup.kill");
         match std::fs::write(&kill, b"1") {
-            Ok(()) => log::warn!("{}: killed the server tree ({why})", self.info.instance),
+            Ok(()) => log::debug!("{}: ended the server tree ({why})", self.info.instance),
             Err(e) => log::error!("{}: writing {}: {e}", self.info.instance, kill.display()),
         }
     }
 
     /// Record a finished (or refused) tool call.
-    pub fn record_call(&self, c: &ToolCallRecord) {
+    pub fn emit_call(&self, c: ToolCallRecord) {
+        self.record_call(&c);
+    }
+
+    fn record_call(&self, c: &ToolCallRecord) {
         let label = if self.policy().tool_allowed(&c.tool) || c.outcome != "refused" {
             c.tool.clone()
         } else {
@@ -344,7 +608,8 @@ impl Session {
                 .with_label_values(&[self.info.server.as_str(), &label])
                 .observe(c.duration_ms / 1000.0);
         }
-        let rec = events::tool_call_record(&self.info, c);
+        let mut rec = events::tool_call_record(&self.info, c);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -352,7 +617,8 @@ impl Session {
 
     /// Emit a lifecycle record.
     pub fn record(&self, kind: &str, fields: Value) {
-        let rec = events::lifecycle_record(kind, &self.info, fields);
+        let mut rec = events::lifecycle_record(kind, &self.info, fields);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -386,9 +652,19 @@ impl crate::relay::RelayHooks for Session {
         &self,
         call: &crate::relay::CallStart,
     ) -> impl std::future::Future<Output = Result<(), crate::relay::HookError>> + Send {
-        let r = Session::call_begin(self, &id_value(&call.id), &call.tool)
-            .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()));
-        async move { r }
+        let id = id_value(&call.id);
+        let tool = call.tool.clone();
+        let hash = call.args_hash.clone();
+        let needs_approval = self.policy().mcp.approval.contains(&tool);
+        async move {
+            if needs_approval {
+                self.await_approval(&id, &tool, &hash)
+                    .await
+                    .map_err(crate::relay::HookError::Refused)?;
+            }
+            Session::call_begin(self, &id, &tool)
+                .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()))
+        }
     }
 
     fn call_end(
@@ -402,17 +678,22 @@ impl crate::relay::RelayHooks for Session {
                 self.info.instance
             );
         }
-        self.record_call(&ToolCallRecord {
+        self.call_finished(ToolCallRecord {
             tool: call.tool.clone(),
             call_id: id,
             outcome: call.outcome.as_str(),
             duration_ms: call.duration.as_secs_f64() * 1000.0,
             args_hash: Some(call.args_hash.clone()),
             syscalls: None,
+            syscalls_shared: false,
             reason: call.detail.clone(),
             request_bytes: call.request_bytes,
             response_bytes: call.response_bytes,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
+        // Counting happens off the relay's path.
+        let _ = self.account_tx.send(());
         async {}
     }
 
@@ -424,13 +705,69 @@ impl crate::relay::RelayHooks for Session {
             duration_ms: 0.0,
             args_hash: Some(call.args_hash.clone()),
             syscalls: None,
+            syscalls_shared: false,
             reason: Some(reason.to_string()),
             request_bytes: call.request_bytes,
             response_bytes: 0,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
     }
 
+    fn server_request(&self, method: &str, decision: crate::policy::Governance) {
+        use crate::policy::Governance;
+        let calls = self
+            .state
+            .lock()
+            .map(|st| {
+                st.in_flight
+                    .iter()
+                    .map(|c| (c.id.clone(), c.tool.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let attr = crate::events::Attribution { calls };
+        let d = match decision {
+            Governance::Allow => "allow",
+            Governance::Log => "audit",
+            Governance::Deny => "deny",
+        };
+        if decision != Governance::Allow {
+            log::warn!(
+                "{}: server-initiated {method} {} (policy [mcp])",
+                self.info.instance,
+                if decision == Governance::Deny {
+                    "refused"
+                } else {
+                    "logged"
+                }
+            );
+            self.metrics
+                .violations
+                .with_label_values(&[self.info.server.as_str(), &attr.tool_label(), "server", d])
+                .inc();
+        }
+        self.record(
+            "server",
+            serde_json::json!({
+                "event": "server_request",
+                "method": method,
+                "decision": d,
+                "tool": attr.tool(),
+                "call_id": attr.call_id(),
+            }),
+        );
+    }
+
     fn session_info(&self, info: &crate::relay::SessionInfo) {
+        if info.client_name.is_some() {
+            if let Ok(mut c) = self.client.lock() {
+                *c = serde_json::json!({
+                    "name": info.client_name,
+                    "version": info.client_version,
+                });
+            }
+        }
         self.record(
             "server",
             serde_json::json!({
@@ -442,5 +779,29 @@ impl crate::relay::RelayHooks for Session {
                 "server_version": info.server_version,
             }),
         );
+    }
+}
+
+/// The syscall's name on this architecture ("nr_N" when unknown).
+pub fn syscall_name(nr: u32) -> String {
+    match syscalls::Sysno::new(nr as usize) {
+        Some(s) => s.name().to_string(),
+        None => format!("nr_{nr}"),
+    }
+}
+
+/// Runs [`Session::account`] whenever a call ends, off the relay's path
+/// (draining the counters is a few hundred map syscalls).
+pub async fn run_accountant(
+    session: Arc<Session>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    while rx.recv().await.is_some() {
+        // Coalesce bursts of call ends into one drain.
+        while rx.try_recv().is_ok() {}
+        let s = session.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || s.account(false)).await {
+            log::error!("syscall accounting task: {e}");
+        }
     }
 }

@@ -6,10 +6,12 @@
 #![no_main]
 
 mod audit;
+mod bytes;
 mod event;
 mod maps;
 mod net;
 mod proc;
+mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -19,7 +19,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "mcp-warden project chores")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "mcp-warden project chores"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -65,6 +65,10 @@ pub fn run(with_vm: bool) -> Result<ExitCode> {
             .check()
     });
     step("e2e tests (host kernel)", &|| {
+        // The suites run the real `mcp-warden` binary: build it first.
+        cmd::cargo(&root)
+            .args(["build", "-p", "mcp-warden", "-p", E2E_PACKAGE])
+            .check()?;
         cmd::cargo(&root)
             .args(["test", "-p", E2E_PACKAGE, "--", "--test-threads=1"])
             .check()

@@ -16,7 +16,7 @@
 //!   a per-run marker and powers off; QEMU itself always exits 0, so the
 //!   marker is what carries the result back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -433,6 +433,8 @@ for m in $(cat /xtask/modules.order); do
     insmod "/xtask/modules/$m.ko" || fail "insmod $m failed"
 done
 mount -t virtiofs hostroot /mnt || fail "cannot mount the host's root filesystem (virtiofs)"
+# Loopback only (no network card): the tests target 127.0.0.0/8 and ::1.
+ip link set lo up || fail "cannot bring up the loopback interface"
 R=/mnt
 mount -t proc proc $R/proc || fail "mount proc"
 mount -t sysfs sysfs $R/sys || fail "mount sysfs"
@@ -444,8 +446,22 @@ mount -t securityfs securityfs $R/sys/kernel/security || fail "mount securityfs"
 mount -t bpf bpf $R/sys/fs/bpf || fail "mount bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"
 mount -t tracefs tracefs $R/sys/kernel/tracing || fail "mount tracefs"
+# The guest gets its own /tmp and /run; host directories the command needs
+# from there (a checkout under /tmp) are kept visible by bind mounts.
+i=0
+while read -r d; do
+    i=$((i + 1))
+    mkdir -p /keep/$i
+    mount --bind "$R$d" /keep/$i || fail "bind $d"
+done < /xtask/keep
 mount -t tmpfs tmpfs $R/tmp || fail "mount /tmp"
 mount -t tmpfs tmpfs $R/run || fail "mount /run"
+i=0
+while read -r d; do
+    i=$((i + 1))
+    mkdir -p "$R$d"
+    mount --bind /keep/$i "$R$d" || fail "bind $d back"
+done < /xtask/keep
 echo "@NONCE@ kernel=$(uname -r) lsm=$(cat $R/sys/kernel/security/lsm)"
 mkdir -p $R/run/xtask-vm
 cp /xtask/cmd.sh $R/run/xtask-vm/cmd.sh
@@ -483,7 +499,26 @@ fn command_script(args: &VmArgs) -> Result<String> {
     Ok(script)
 }
 
-fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u8>> {
+/// Host directories under the guest's own /tmp and /run that the command
+/// needs: the working directory, the repository and cargo's target directory.
+fn kept_host_dirs(root: &Path) -> Result<String> {
+    let mut dirs = vec![std::env::current_dir()?, root.to_owned()];
+    dirs.extend(std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from));
+    let mut kept = String::new();
+    for dir in dirs {
+        let Ok(dir) = dir.canonicalize() else {
+            continue;
+        };
+        let hidden = dir.starts_with("/tmp") || dir.starts_with("/run");
+        let line = format!("{}\n", dir.display());
+        if hidden && !kept.contains(&line) {
+            kept.push_str(&line);
+        }
+    }
+    Ok(kept)
+}
+
+fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str, kept: &str) -> Result<Vec<u8>> {
     let mut archive = cpio::Archive::default();
     for dir in [
         "/bin",
@@ -492,6 +527,7 @@ fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u
         "/sys",
         "/mnt",
         "/tmp",
+        "/keep",
         "/xtask",
         "/xtask/modules",
     ] {
@@ -519,6 +555,7 @@ fn initramfs(kernel: &PreparedKernel, nonce: &str, script: &str) -> Result<Vec<u
     }
     archive.file("/xtask/modules.order", 0o644, order.as_bytes());
     archive.file("/xtask/cmd.sh", 0o644, script.as_bytes());
+    archive.file("/xtask/keep", 0o644, kept.as_bytes());
     Ok(archive.finish())
 }
 
@@ -636,7 +673,11 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
             .as_nanos()
     );
     let initrd = work.join("initramfs.cpio");
-    fs::write(&initrd, initramfs(kernel, &nonce, &command_script(args)?)?)?;
+    let kept = kept_host_dirs(&repo_root())?;
+    fs::write(
+        &initrd,
+        initramfs(kernel, &nonce, &command_script(args)?, &kept)?,
+    )?;
     let socket = work.join("virtiofsd.sock");
     let _virtiofsd = start_virtiofsd(&socket, &dir.join("virtiofsd.log"))?;
     eprintln!(
@@ -668,66 +709,122 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
     });
 
     let log_path = dir.join("serial.log");
-    let mut log = fs::File::create(&log_path)?;
-    let mut lines: Vec<String> = Vec::new();
-    let mut status = None;
-    let mut lsm = None;
-    let mut setup_failed = false;
     let deadline = started + Duration::from_secs(args.timeout);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Serial::Line(line)) => {
-                writeln!(log, "{line}")?;
-                // Firmware escape sequences may share a line with the marker.
-                let marked = line.find(&nonce).map(|at| line[at + nonce.len()..].trim());
-                if let Some(rest) = marked {
-                    if let Some(code) = rest.strip_prefix("exit=") {
-                        status = code.trim().parse::<i32>().ok();
-                    } else if rest == "setup-failed" {
-                        setup_failed = true;
-                    } else {
-                        eprintln!("xtask vm: guest {rest}");
-                        lsm = rest.split("lsm=").nth(1).map(str::to_owned);
-                    }
-                } else {
-                    println!("{line}");
-                }
-                lines.push(line);
-            }
-            Ok(Serial::Closed) => break,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = qemu.0.kill();
-                show_tail(&lines, &log_path);
-                bail!(
-                    "the guest did not finish within {} s (kernel {})",
-                    args.timeout,
-                    kernel.package
-                );
-            }
-        }
+    let mut console = Console::new(&log_path)?;
+    let report = console.follow(&rx, &nonce, deadline)?;
+    if report == GuestReport::TimedOut {
+        let _ = qemu.0.kill();
     }
     let qemu_status = qemu.0.wait()?;
-    let elapsed = started.elapsed().as_secs_f64();
-    if setup_failed {
-        show_tail(&lines, &log_path);
-        bail!("the guest could not set up the shared root filesystem (see the serial log above)");
-    }
-    let Some(status) = status else {
-        show_tail(&lines, &log_path);
-        bail!(
-            "the guest stopped without reporting a status (qemu: {qemu_status}; crash, panic or failed boot)"
-        );
+    let status = match report {
+        GuestReport::Exited(status) => status,
+        GuestReport::TimedOut => {
+            console.show_tail();
+            bail!("the guest did not finish within {} s", args.timeout);
+        }
+        GuestReport::SetupFailed => {
+            console.show_tail();
+            bail!("the guest could not set up the shared root filesystem");
+        }
+        GuestReport::Silent => {
+            console.show_tail();
+            bail!("the guest stopped without reporting a status (qemu: {qemu_status}): crash, panic or failed boot");
+        }
     };
-    if let Some(lsm) = lsm.filter(|l| !l.split(',').any(|m| m == "bpf")) {
-        bail!("BPF-LSM is not active in the guest (lsm={lsm})");
+    match &console.lsm {
+        Some(lsm) if !lsm.split(',').any(|m| m == "bpf") => {
+            bail!("BPF-LSM is not active in the guest (lsm={lsm})")
+        }
+        None => bail!("the guest did not report its LSM list"),
+        Some(_) => {}
     }
     eprintln!(
-        "xtask vm: Linux {}: command exited {status}; boot+run+poweroff {elapsed:.1} s",
-        args.kernel.name()
+        "xtask vm: Linux {}: command exited {status}; boot+run+poweroff {:.1} s",
+        args.kernel.name(),
+        started.elapsed().as_secs_f64()
     );
     Ok(status)
+}
+
+/// How the guest run ended, as told by the console.
+#[derive(Debug, PartialEq, Eq)]
+enum GuestReport {
+    /// The command ran and exited with this status.
+    Exited(i32),
+    /// /init could not load modules or mount what the command needs.
+    SetupFailed,
+    /// The console closed without a status line.
+    Silent,
+    TimedOut,
+}
+
+/// The serial console: echoed live, logged whole, its tail kept for errors.
+struct Console {
+    log: fs::File,
+    log_path: PathBuf,
+    tail: VecDeque<String>,
+    /// The guest's active LSM list, once reported.
+    lsm: Option<String>,
+}
+
+impl Console {
+    fn new(log_path: &Path) -> Result<Self> {
+        Ok(Self {
+            log: fs::File::create(log_path)?,
+            log_path: log_path.to_owned(),
+            tail: VecDeque::new(),
+            lsm: None,
+        })
+    }
+
+    fn follow(
+        &mut self,
+        rx: &mpsc::Receiver<Serial>,
+        nonce: &str,
+        deadline: Instant,
+    ) -> Result<GuestReport> {
+        let mut report = GuestReport::Silent;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(Serial::Line(line)) => line,
+                Ok(Serial::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Ok(report)
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(GuestReport::TimedOut),
+            };
+            writeln!(self.log, "{line}")?;
+            // Firmware escape sequences may share a line with a marker.
+            match line.find(nonce).map(|at| line[at + nonce.len()..].trim()) {
+                Some(rest) if rest.starts_with("exit=") => {
+                    report = rest["exit=".len()..]
+                        .parse()
+                        .map_or(GuestReport::Silent, GuestReport::Exited);
+                }
+                Some("setup-failed") => report = GuestReport::SetupFailed,
+                Some(rest) => {
+                    eprintln!("xtask vm: guest {rest}");
+                    self.lsm = rest.split("lsm=").nth(1).map(str::to_owned);
+                }
+                None => println!("{line}"),
+            }
+            if self.tail.len() == SERIAL_TAIL_LINES {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(line);
+        }
+    }
+
+    fn show_tail(&self) {
+        eprintln!(
+            "xtask vm: last {} lines of the serial console (all in {}):",
+            self.tail.len(),
+            self.log_path.display()
+        );
+        for line in &self.tail {
+            eprintln!("| {line}");
+        }
+    }
 }
 
 /// A console line without its line ending and terminal escape sequences
@@ -753,18 +850,6 @@ fn printable(raw: &str) -> String {
         }
     }
     out
-}
-
-fn show_tail(lines: &[String], log_path: &Path) {
-    let from = lines.len().saturating_sub(SERIAL_TAIL_LINES);
-    eprintln!(
-        "xtask vm: last {} lines of the serial console (all in {}):",
-        lines.len() - from,
-        log_path.display()
-    );
-    for line in &lines[from..] {
-        eprintln!("| {line}");
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //!
 //! Properties: the frames' bytes concatenate to exactly the input, whatever
 //! the read sizes and parse limit; a parsed line is within the limit and holds
-//! no inner `\n`; the classifier and the result readers never panic.
+//! no inner `\n`; the classifier, its lenient second try, the streaming response scan and
+//! the result readers never panic, and the scan finds every response the
+//! classifier finds.
 //!
 //! The two modules are compiled from the agent's own source files rather than
 //! through the `mcp-warden` crate, whose build pulls in aya and the eBPF
@@ -24,10 +26,31 @@ use jsonrpc::{Classified, Message, ResponseBody};
 const LIMITS: [usize; 5] = [0, 1, 16, 256, framing::DEFAULT_PARSE_LIMIT];
 
 fn classify_all(line: &[u8]) {
+    // The streaming reader used for lines over the limit, in odd pieces.
+    let mut scan = jsonrpc::LineScan::new();
+    for piece in line.chunks(5) {
+        scan.push(piece);
+    }
+    let scanned = scan.response();
+    if let Classified::Single(Message::Response { id: Some(_), .. }) = jsonrpc::classify(line) {
+        // A response the classifier reads, the scan reads too.
+        assert!(scanned.is_some(), "scan missed a response");
+    }
+
     let msgs = match jsonrpc::classify(line) {
         Classified::Single(m) => vec![m],
         Classified::Batch(ms) => ms,
-        Classified::NotMcp => return,
+        Classified::NotMcp => {
+            // The relay's second try; the copy must not grow a newline.
+            if let Some(copy) = jsonrpc::lenient_copy(line) {
+                assert_eq!(
+                    copy.iter().filter(|&&b| b == b'\n').count(),
+                    line.iter().filter(|&&b| b == b'\n').count()
+                );
+                let _ = jsonrpc::classify(&copy);
+            }
+            return;
+        }
     };
     for m in msgs {
         if let Message::Response {

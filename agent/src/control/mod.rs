@@ -61,6 +61,25 @@ pub struct CallDone {
     pub request_bytes: u64,
     #[serde(default)]
     pub response_bytes: u64,
+    #[serde(default)]
+    pub task_id: Option<String>,
+}
+
+/// The MCP handshake as the relay saw it (see [`crate::relay::SessionInfo`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Handshake {
+    #[serde(default)]
+    pub protocol_version: Option<String>,
+    #[serde(default)]
+    pub client_name: Option<String>,
+    #[serde(default)]
+    pub client_version: Option<String>,
+    #[serde(default)]
+    pub negotiated_version: Option<String>,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub server_version: Option<String>,
 }
 
 /// Every request. `op` names the variant in kebab-case.
@@ -98,14 +117,29 @@ pub enum Request {
         #[serde(default)]
         calls: Vec<CallRef>,
     },
-    /// Put the tool's rights in force; acked after the kernel map update.
-    CallBegin { call_id: Value, tool: String },
+    /// Put the tool's rights in force; acked after the kernel map update
+    /// (and, for an `[mcp] approval` tool, after a person approved).
+    CallBegin {
+        call_id: Value,
+        tool: String,
+        #[serde(default)]
+        args_sha256: Option<String>,
+        #[serde(default)]
+        request_bytes: u64,
+        #[serde(default)]
+        task: bool,
+    },
     /// Withdraw the call's rights and record it.
     CallEnd(CallDone),
     /// Record a call the relay refused itself.
     CallRefused(CallDone),
-    /// A lifecycle record for the bound instance (e.g. the MCP handshake).
+    /// A lifecycle record for the bound instance.
     Record { fields: Value },
+    /// The MCP handshake (client identity on every later record).
+    SessionInfo(Handshake),
+    /// The server sent a request the policy's `[mcp]` section governs;
+    /// `decision` is allow | log | deny.
+    ServerRequest { method: String, decision: String },
     /// The server exited with `status`: tear the instance down.
     Finish { status: i32 },
     /// Backend, hooks, instances, counters.
@@ -159,7 +193,10 @@ mod tests {
             r,
             Request::CallBegin {
                 call_id: json!(7),
-                tool: "fetch".into()
+                tool: "fetch".into(),
+                args_sha256: None,
+                request_bytes: 0,
+                task: false,
             }
         );
         let r: Request =

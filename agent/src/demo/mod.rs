@@ -326,8 +326,9 @@ async fn demo() -> Result<i32, DemoError> {
     drop(client);
     let status = inst.child.wait().await?;
     let code = status.code().unwrap_or(1);
-    host.finish(inst, code).await?;
+    inst.session.kill_tree("the demo is over");
     let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    host.finish(inst, code).await?;
     let got = received.load(Ordering::Relaxed);
     println!();
     println!("attacker received {got} bytes");

@@ -96,6 +96,19 @@ pub fn open_access(flags: u32) -> String {
     v.join(",")
 }
 
+/// Label of a kernel stats slot in `mcp_warden_events_lost_total{kind}`.
+pub fn lost_kind_name(slot: u32) -> Option<&'static str> {
+    match slot {
+        kind::NET => Some("net"),
+        kind::FILE => Some("file"),
+        kind::EXEC => Some("exec"),
+        kind::PROC => Some("process"),
+        kind::SYSCALL => Some("syscall_count"),
+        kind::BYTES => Some("byte_count"),
+        _ => None,
+    }
+}
+
 /// The tool call(s) a kernel event happened in.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Attribution {
@@ -266,9 +279,16 @@ pub struct ToolCallRecord {
     pub duration_ms: f64,
     pub args_hash: Option<String>,
     pub syscalls: Option<Map<String, Value>>,
+    /// Other calls were in flight during part of this one: the counts of
+    /// those stretches are shared by every call in flight.
+    pub syscalls_shared: bool,
     pub reason: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// Network payload bytes sent and received by the server's sockets
+    /// during the call (shared like the syscall counts).
+    pub net_bytes_out: u64,
+    pub net_bytes_in: u64,
 }
 
 pub fn tool_call_record(info: &InstanceInfo, c: &ToolCallRecord) -> Value {
@@ -288,8 +308,11 @@ pub fn tool_call_record(info: &InstanceInfo, c: &ToolCallRecord) -> Value {
         "syscalls".into(),
         c.syscalls.clone().map(Value::Object).unwrap_or(Value::Null),
     );
+    m.insert("syscalls_shared".into(), json!(c.syscalls_shared));
     m.insert("request_bytes".into(), json!(c.request_bytes));
     m.insert("response_bytes".into(), json!(c.response_bytes));
+    m.insert("net_bytes_out".into(), json!(c.net_bytes_out));
+    m.insert("net_bytes_in".into(), json!(c.net_bytes_in));
     if let Some(r) = &c.reason {
         m.insert("reason".into(), Value::String(r.clone()));
     }

@@ -5,15 +5,17 @@
 use std::{collections::BTreeMap, os::fd::AsFd, path::Path};
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        ProgramError, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey,
+    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
+    UnixKey,
 };
 
 use crate::policy::compile::CompiledNet;
@@ -109,6 +111,8 @@ pub struct Kernel {
     net6: LpmTrie<MapData, Net6Key, NetRule>,
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
     caps: Capabilities,
@@ -211,18 +215,31 @@ impl Kernel {
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
-        // The fallback's audit of refused file/exec operations (Landlock
-        // and seccomp report nothing themselves).
-        for (name, tp) in mcp_warden_common::AUDIT_TRACEPOINTS {
-            let p: &mut TracePoint = ebpf
+        // sys_enter: per-instance syscall counters (tagged with the call
+        // epoch) and the stash of watched file/exec syscalls; sys_exit: the
+        // audit of those the fallback's Landlock/seccomp refused.
+        for (name, tp) in [
+            (programs::SYS_ENTER, "sys_enter"),
+            (programs::SYS_EXIT, "sys_exit"),
+        ] {
+            let p: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
             p.load().map_err(prog_err(name))?;
-            let id = p.attach("syscalls", tp).map_err(prog_err(name))?;
+            let id = p.attach(tp).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
-            tracepoints.push(FdLink::try_from(link)?);
+            tracepoints.push(FdLink::from(link));
+            caps.hooks.insert(name, true);
+        }
+        for name in [programs::SKB_EGRESS, programs::SKB_INGRESS] {
+            let p: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
         let maps = Maps::open(&mut |name| {
@@ -256,6 +273,8 @@ impl Kernel {
             net6: maps.net6,
             unix: maps.unix,
             stats: maps.stats,
+            syscalls: maps.syscalls,
+            bytes: maps.bytes,
             events: Some(maps.events),
             _tracepoints: tracepoints,
             caps,
@@ -307,6 +326,21 @@ impl Kernel {
             .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         links.push((name, FdLink::try_from(link)?));
+        for (name, ty) in [
+            (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
+            (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let p: &mut CgroupSkb = self
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let id = p
+                .attach(cgroup.as_fd(), ty, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            links.push((name, FdLink::try_from(link)?));
+        }
         Ok(CgroupLinks {
             links,
             pin_dir: None,
@@ -390,6 +424,37 @@ impl Kernel {
         Ok(())
     }
 
+    /// Take the syscall counts of `cgroup_id` for every epoch before
+    /// `before_epoch` (epochs that can no longer grow) out of the kernel:
+    /// (epoch, syscall nr, count summed over CPUs). `None` takes them all.
+    pub fn drain_syscalls(
+        &mut self,
+        cgroup_id: u64,
+        before_epoch: Option<u64>,
+    ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
+        let taken = drain(&mut self.syscalls, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::SYSCALLS))?;
+        Ok(taken.into_iter().map(|(k, n)| (k.epoch, k.nr, n)).collect())
+    }
+
+    /// The same for network payload bytes: (epoch, direction, bytes).
+    pub fn drain_bytes(
+        &mut self,
+        cgroup_id: u64,
+        before_epoch: Option<u64>,
+    ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
+        let taken = drain(&mut self.bytes, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::BYTES))?;
+        Ok(taken
+            .into_iter()
+            .map(|(k, n)| (k.epoch, k.dir, n))
+            .collect())
+    }
+
     /// Events the kernel could not deliver, per kind index, summed over CPUs.
     pub fn lost(&self) -> Result<[u64; kind::COUNT as usize], KernelError> {
         let mut out = [0u64; kind::COUNT as usize];
@@ -411,6 +476,29 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
+/// Take the entries `take` selects out of a per-CPU counter map, summing
+/// each over CPUs.
+fn drain<K: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, u64>,
+    take: impl Fn(&K) -> bool,
+) -> Result<Vec<(K, u64)>, aya::maps::MapError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| take(k))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        match map.get(&k, 0) {
+            Ok(v) => out.push((k, v.iter().sum())),
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        }
+        ignore_missing(map.remove(&k))?;
+    }
+    Ok(out)
+}
+
 /// The maps the agent reads and writes, however they were opened.
 struct Maps {
     instances: HashMap<MapData, u64, InstanceState>,
@@ -418,6 +506,8 @@ struct Maps {
     net6: LpmTrie<MapData, Net6Key, NetRule>,
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: RingBuf<MapData>,
 }
 
@@ -432,6 +522,9 @@ impl Maps {
             net6: LpmTrie::try_from(take(maps::NET6_RULES)?).map_err(map_err(maps::NET6_RULES))?,
             unix: LpmTrie::try_from(take(maps::UNIX_RULES)?).map_err(map_err(maps::UNIX_RULES))?,
             stats: PerCpuArray::try_from(take(maps::STATS)?).map_err(map_err(maps::STATS))?,
+            syscalls: PerCpuHashMap::try_from(take(maps::SYSCALLS)?)
+                .map_err(map_err(maps::SYSCALLS))?,
+            bytes: PerCpuHashMap::try_from(take(maps::BYTES)?).map_err(map_err(maps::BYTES))?,
             events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
         })
     }

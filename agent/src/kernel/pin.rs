@@ -21,7 +21,8 @@ use aya::{
     maps::{Map, MapData},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType, CgroupSockAttachType, Program,
+        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType,
+        CgroupSockAttachType, Program,
     },
 };
 use mcp_warden_common::{programs, InstanceState};
@@ -76,6 +77,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Pin
 pub fn cgroup_programs() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = SOCK_ADDR_PROGRAMS.to_vec();
     v.push(programs::SOCK_CREATE);
+    v.push(programs::SKB_EGRESS);
+    v.push(programs::SKB_INGRESS);
     v
 }
 
@@ -99,6 +102,12 @@ fn reopen_program(name: &'static str, path: &Path) -> Result<Program, KernelErro
         programs::BIND6 => addr(CgroupSockAddrAttachType::Bind6)?,
         programs::SOCK_CREATE => CgroupSock::from_pin(path, CgroupSockAttachType::SockCreate)
             .map(Program::CgroupSock)
+            .map_err(open_err)?,
+        programs::SKB_EGRESS => CgroupSkb::from_pin(path, CgroupSkbAttachType::Egress)
+            .map(Program::CgroupSkb)
+            .map_err(open_err)?,
+        programs::SKB_INGRESS => CgroupSkb::from_pin(path, CgroupSkbAttachType::Ingress)
+            .map(Program::CgroupSkb)
             .map_err(open_err)?,
         other => {
             return Err(PinError::Open {
@@ -305,10 +314,12 @@ impl Kernel {
             tracepoints.push(FdLink::from(l));
         }
         // Tracepoint hooks: present when their links are.
-        for (name, _) in mcp_warden_common::AUDIT_TRACEPOINTS {
-            caps.hooks.insert(name, !tracepoints.is_empty());
-        }
-        for name in [programs::SCHED_EXEC, programs::SCHED_EXIT] {
+        for name in [
+            programs::SCHED_EXEC,
+            programs::SCHED_EXIT,
+            programs::SYS_ENTER,
+            programs::SYS_EXIT,
+        ] {
             caps.hooks.insert(name, !tracepoints.is_empty());
         }
         let dir = root.maps();

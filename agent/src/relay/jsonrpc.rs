@@ -18,9 +18,13 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A JSON-RPC request id, normalised: numbers by their decimal text as
-/// serde_json prints them, strings by their decoded value. `1` and `"1"` are
-/// different ids, as JSON-RPC says.
+/// A JSON-RPC request id, normalised so a response matches its request even
+/// when the peer re-encoded the id: numbers by their value as a double (what
+/// a JavaScript peer keeps: `1`, `1.0` and `1e0` are one id), integers
+/// written without a fraction; strings by their decoded value. `1` and `"1"`
+/// are different ids, as JSON-RPC says. Ids a double can't tell apart
+/// (integers past 2^53) are one key, so the relay refuses the second of them
+/// while the first is in flight rather than confuse their ends.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestId {
     Number(String),
@@ -31,18 +35,32 @@ impl RequestId {
     /// From a raw id; `None` for null, booleans, objects and arrays.
     pub fn from_raw(raw: &RawValue) -> Option<Self> {
         match serde_json::from_str::<Value>(raw.get()).ok()? {
-            Value::Number(n) => Some(RequestId::Number(n.to_string())),
+            Value::Number(n) => Some(RequestId::Number(number_key(&n))),
             Value::String(s) => Some(RequestId::String(s)),
             _ => None,
         }
     }
 
-    /// The id as JSON, for error responses the relay writes itself.
+    /// The id as JSON (its normalised form), for error responses the relay
+    /// writes itself when it no longer has the original.
     pub fn to_json(&self) -> Value {
         match self {
             RequestId::Number(n) => serde_json::from_str(n).unwrap_or(Value::Null),
             RequestId::String(s) => Value::String(s.clone()),
         }
+    }
+}
+
+fn number_key(n: &serde_json::Number) -> String {
+    let Some(f) = n.as_f64().filter(|f| f.is_finite()) else {
+        return n.to_string();
+    };
+    // -0 and 0 are one id.
+    let f = if f == 0.0 { 0.0 } else { f };
+    if f.fract() == 0.0 && f.abs() < 1e21 {
+        format!("{f:.0}")
+    } else {
+        format!("{f}")
     }
 }
 
@@ -169,6 +187,8 @@ pub enum ResponseBody<'a> {
 pub enum Message<'a> {
     Request {
         id: RequestId,
+        /// The id as the client wrote it, echoed in the relay's own errors.
+        id_json: Value,
         method: String,
         request: Request,
     },
@@ -216,6 +236,290 @@ pub fn classify(line: &[u8]) -> Classified<'_> {
             _ => Classified::NotMcp,
         },
         _ => Classified::NotMcp,
+    }
+}
+
+/// A strict-JSON copy of a line that serde_json rejects but a lenient server
+/// parser may accept, for classification only (the original bytes are what
+/// gets forwarded). `None` when the copy would not differ.
+///
+/// What it smooths over, each accepted by a common server stack:
+/// - invalid UTF-8 (Node's `Buffer.toString("utf8")` then `JSON.parse`):
+///   replaced with U+FFFD, as Node does;
+/// - lone UTF-16 surrogate escapes such as `\ud800` (`JSON.parse`, Python):
+///   replaced with `\ufffd`;
+/// - `NaN`, `Infinity`, `-Infinity` outside strings (Python's `json`):
+///   replaced with `null`;
+/// - vertical tab and form feed outside strings (servers that `strip()`
+///   lines): replaced with spaces.
+///
+/// Without this, a `tools/call` of a refused tool could reach such a server
+/// unchecked by dressing its arguments in one of these forms.
+pub fn lenient_copy(line: &[u8]) -> Option<Vec<u8>> {
+    let text = String::from_utf8_lossy(line);
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let mut in_string = false;
+    while i < b.len() {
+        let c = b[i];
+        if in_string {
+            match c {
+                b'"' => {
+                    in_string = false;
+                    out.push(c);
+                    i += 1;
+                }
+                b'\\' if b.get(i + 1) == Some(&b'u') => {
+                    let unit = hex4(b, i + 2);
+                    match unit {
+                        Some(0xd800..=0xdbff) => {
+                            let low = (b.get(i + 6) == Some(&b'\\') && b.get(i + 7) == Some(&b'u'))
+                                .then(|| hex4(b, i + 8))
+                                .flatten();
+                            if matches!(low, Some(0xdc00..=0xdfff)) {
+                                out.extend_from_slice(&b[i..i + 12]);
+                                i += 12;
+                            } else {
+                                out.extend_from_slice(b"\\ufffd");
+                                i += 6;
+                            }
+                        }
+                        Some(0xdc00..=0xdfff) => {
+                            out.extend_from_slice(b"\\ufffd");
+                            i += 6;
+                        }
+                        _ => {
+                            out.extend_from_slice(&b[i..(i + 2).min(b.len())]);
+                            i += 2;
+                        }
+                    }
+                }
+                b'\\' => {
+                    out.extend_from_slice(&b[i..(i + 2).min(b.len())]);
+                    i += 2;
+                }
+                _ => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        } else if c == b'"' {
+            in_string = true;
+            out.push(c);
+            i += 1;
+        } else if c == 0x0b || c == 0x0c {
+            out.push(b' ');
+            i += 1;
+        } else if let Some(n) = [&b"-Infinity"[..], b"Infinity", b"NaN"]
+            .iter()
+            .find(|w| b[i..].starts_with(w))
+            .map(|w| w.len())
+        {
+            out.extend_from_slice(b"null");
+            i += n;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    (out != line).then_some(out)
+}
+
+fn hex4(b: &[u8], at: usize) -> Option<u32> {
+    let digits = b.get(at..at + 4)?;
+    let s = std::str::from_utf8(digits).ok()?;
+    u32::from_str_radix(s, 16).ok()
+}
+
+/// Reads a line too long to parse as it streams past, in bounded memory, for
+/// its top-level `id`, `method` and whether it has `result` or `error`.
+/// Server side: a huge result still ends its call (otherwise a server could
+/// keep a tool's rights by padding its answers). Client side: a huge
+/// `tools/call` is recognised and refused.
+#[derive(Debug, Default)]
+pub struct LineScan {
+    started: bool,
+    /// The line is not a JSON object; nothing more to learn.
+    dead: bool,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    expect_key: bool,
+    /// Raw text (quotes included) of the key being read at depth 1.
+    key: Vec<u8>,
+    reading_key: bool,
+    current_key: Option<TopKey>,
+    /// Raw text of the `id` or `method` value being read.
+    value: Vec<u8>,
+    reading: Option<TopKey>,
+    id: Option<Vec<u8>>,
+    method: Option<Vec<u8>>,
+    has_result: bool,
+    has_error: bool,
+    has_method: bool,
+    bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopKey {
+    Id,
+    Result,
+    Error,
+    Method,
+    Other,
+}
+
+/// Longest key, id or method text the scan keeps (longer ones can't be ours).
+const SCAN_KEEP: usize = 1024;
+
+impl LineScan {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes seen so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        for &c in data {
+            if self.dead {
+                return;
+            }
+            self.step(c);
+        }
+    }
+
+    fn keep(&mut self, c: u8) {
+        if self.reading.is_some() && self.value.len() <= SCAN_KEEP {
+            self.value.push(c);
+        }
+    }
+
+    fn step(&mut self, c: u8) {
+        if !self.started {
+            if !c.is_ascii_whitespace() {
+                self.started = true;
+                self.dead = c != b'{';
+                self.depth = 1;
+                self.expect_key = true;
+            }
+            return;
+        }
+        if self.depth == 0 {
+            return;
+        }
+        if self.in_string {
+            if self.reading_key && self.key.len() < SCAN_KEEP {
+                self.key.push(c);
+            }
+            self.keep(c);
+            if self.escaped {
+                self.escaped = false;
+            } else if c == b'\\' {
+                self.escaped = true;
+            } else if c == b'"' {
+                self.in_string = false;
+                if self.reading_key {
+                    self.reading_key = false;
+                    let name = serde_json::from_slice::<String>(&self.key).ok();
+                    self.current_key = Some(match name.as_deref() {
+                        Some("id") => TopKey::Id,
+                        Some("result") => TopKey::Result,
+                        Some("error") => TopKey::Error,
+                        Some("method") => TopKey::Method,
+                        _ => TopKey::Other,
+                    });
+                }
+            }
+            return;
+        }
+        match c {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key {
+                    self.reading_key = true;
+                    self.key.clear();
+                    self.key.push(c);
+                } else {
+                    self.keep(c);
+                }
+            }
+            b'{' | b'[' => {
+                self.depth += 1;
+                self.keep(c);
+            }
+            b'}' | b']' if self.depth == 1 => {
+                self.end_value();
+                self.depth = 0;
+            }
+            b'}' | b']' => {
+                self.depth -= 1;
+                self.keep(c);
+            }
+            b':' if self.depth == 1 => {
+                self.expect_key = false;
+                match self.current_key.take() {
+                    Some(k @ (TopKey::Id | TopKey::Method)) => {
+                        self.has_method |= k == TopKey::Method;
+                        self.reading = Some(k);
+                        self.value.clear();
+                    }
+                    Some(TopKey::Result) => self.has_result = true,
+                    Some(TopKey::Error) => self.has_error = true,
+                    Some(TopKey::Other) | None => {}
+                }
+            }
+            b',' if self.depth == 1 => {
+                self.end_value();
+                self.expect_key = true;
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => self.keep(c),
+        }
+    }
+
+    fn end_value(&mut self) {
+        // Last duplicate wins, as in `classify`.
+        let kept = (self.value.len() <= SCAN_KEEP).then(|| self.value.clone());
+        match self.reading.take() {
+            Some(TopKey::Id) => self.id = kept,
+            Some(TopKey::Method) => self.method = kept,
+            _ => {}
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.started && !self.dead && self.depth == 0
+    }
+
+    /// After the whole line: the top-level id, if a number or string.
+    pub fn id(&self) -> Option<RequestId> {
+        if !self.complete() {
+            return None;
+        }
+        let raw = serde_json::from_slice::<&RawValue>(self.id.as_deref()?).ok()?;
+        RequestId::from_raw(raw)
+    }
+
+    /// After the whole line: the top-level method, if a string.
+    pub fn method(&self) -> Option<String> {
+        if !self.complete() {
+            return None;
+        }
+        serde_json::from_slice(self.method.as_deref()?).ok()
+    }
+
+    /// After the whole line: `(id, is_error)` if it was a complete response
+    /// object (no method) with a number or string id.
+    pub fn response(&self) -> Option<(RequestId, bool)> {
+        if self.has_method || (!self.has_result && !self.has_error) {
+            return None;
+        }
+        Some((self.id()?, self.has_error))
     }
 }
 
@@ -304,6 +608,7 @@ fn message(raw: &RawValue) -> Message<'_> {
             Some(id_raw) => match RequestId::from_raw(id_raw) {
                 Some(id) => Message::Request {
                     id,
+                    id_json: serde_json::from_str(id_raw.get()).unwrap_or(Value::Null),
                     request: request(&method, params.as_ref()),
                     method,
                 },
@@ -543,6 +848,7 @@ mod tests {
             id,
             request,
             method,
+            ..
         } = m
         else {
             panic!("{m:?}")
@@ -573,6 +879,14 @@ mod tests {
             RequestId::Number("12".into()).to_json(),
             serde_json::json!(12)
         );
+        let key = |s: &str| RequestId::from_raw(raw(s));
+        assert_eq!(key("1"), key("1.0"));
+        assert_eq!(key("1"), key("1e0"));
+        assert_eq!(key("-0"), key("0"));
+        assert_eq!(key("9007199254740993"), key("9007199254740992"));
+        assert_ne!(key("1.5"), key("1"));
+        assert_eq!(key("1.5"), Some(RequestId::Number("1.5".into())));
+        assert_eq!(key("-7"), Some(RequestId::Number("-7".into())));
     }
 
     #[test]
@@ -710,6 +1024,116 @@ mod tests {
             b"{} x",
         ] {
             assert!(matches!(classify(bad), Classified::NotMcp), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lenient_copy_makes_what_lenient_parsers_accept_classifiable() {
+        let cases: [&[u8]; 5] = [
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"x\":\"\xff\xfe\"}}}\n",
+            br#"{"\ud800":0,"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}}"#,
+            br#"{"\udc00\ud800\ud800":1,"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"rm","arguments":{"x":[NaN,-Infinity,Infinity]}}}"#,
+            b"\x0c{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\"}}\x0b",
+        ];
+        for line in cases {
+            assert!(
+                matches!(classify(line), Classified::NotMcp),
+                "strict rejects {line:?}"
+            );
+            let copy = lenient_copy(line).expect("differs");
+            let Classified::Single(Message::Request {
+                request: Request::ToolsCall(c),
+                ..
+            }) = classify(&copy)
+            else {
+                panic!(
+                    "lenient copy not a call: {:?}",
+                    String::from_utf8_lossy(&copy)
+                )
+            };
+            assert_eq!(c.name.as_deref(), Some("rm"));
+        }
+        // Valid pairs, strings that merely mention NaN, and clean lines stay.
+        let fine = br#"{"a":"\ud83d\ude00 NaN Infinity \" \\u0041"}"#;
+        assert_eq!(lenient_copy(fine), None);
+        for junk in [&b"\\"[..], b"\"\\u12", b"\"\\ud800\\u", b"-Inf", b"\xff\\"] {
+            let _ = lenient_copy(junk);
+        }
+    }
+
+    #[test]
+    fn line_scan_finds_id_and_method_of_a_streamed_line() {
+        let scan = |line: &[u8], piece: usize| {
+            let mut s = LineScan::new();
+            for p in line.chunks(piece) {
+                s.push(p);
+            }
+            s.response()
+        };
+        let big = "x".repeat(5000);
+        let cases: Vec<(String, Option<(RequestId, bool)>)> = vec![
+            (
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":7,"result":{{"content":[{{"text":"{big}\"}}{{"}}]}}}}"#
+                ),
+                Some((RequestId::Number("7".into()), false)),
+            ),
+            (
+                format!(r#"{{"result":{{"id":1,"t":"{big}"}},"jsonrpc":"2.0", "id" : "a\"b" }}"#),
+                Some((RequestId::String("a\"b".into()), false)),
+            ),
+            (
+                format!(
+                    r#"{{"jsonrpc":"2.0","error":{{"code":1,"message":"{big}"}},"\u0069d":3}}"#
+                ),
+                Some((RequestId::Number("3".into()), true)),
+            ),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":"{big}"}}"#),
+                None,
+            ),
+            (
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"params":{{"method":"no"}},"me\u0074hod":"tools/call","x":"{big}"}}"#
+                ),
+                None,
+            ),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":1,"result":"{big}""#),
+                None,
+            ),
+            (format!(r#"["{big}"]"#), None),
+            (
+                format!(r#"{{"jsonrpc":"2.0","id":null,"result":"{big}"}}"#),
+                None,
+            ),
+        ];
+        for (line, want) in cases {
+            for piece in [1, 3, 100, 100_000] {
+                assert_eq!(
+                    scan(line.as_bytes(), piece),
+                    want,
+                    "{piece}: {}",
+                    &line[..60.min(line.len())]
+                );
+            }
+            let mut s = LineScan::new();
+            s.push(line.as_bytes());
+            let method = match classify(line.as_bytes()) {
+                Classified::Single(
+                    Message::Request { method, .. } | Message::Notification { method, .. },
+                ) => Some(method),
+                _ => None,
+            };
+            assert_eq!(s.method(), method);
+            // Agrees with the full classifier where that can read the line.
+            if let Classified::Single(Message::Response { id: Some(id), body }) =
+                classify(line.as_bytes())
+            {
+                let is_error = matches!(body, ResponseBody::Error { .. });
+                assert_eq!(want, Some((id, is_error)));
+            }
         }
     }
 

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 pub mod calls;
+pub mod eof;
 pub mod framing;
 pub mod jsonrpc;
 pub mod stdio;
@@ -72,10 +73,16 @@ pub trait RelayHooks: Send + Sync + 'static {
     fn call_begin(&self, call: &CallStart) -> impl Future<Output = Result<(), HookError>> + Send;
 
     /// Withdraw the call's rights and record it. Awaited before the message
-    /// that ended the call is forwarded to the client.
+    /// that ended the call is forwarded to the client. Every call whose
+    /// `call_begin` was entered gets exactly one `call_end`, including one
+    /// whose begin future was dropped because the relay stopped, and the
+    /// already-begun calls of a batch refused when a later begin failed
+    /// (outcome `Refused`).
     fn call_end(&self, call: &CallEnd) -> impl Future<Output = ()> + Send;
 
-    /// A call the relay answered itself with an error, never forwarded.
+    /// A call the relay answered itself with an error (code
+    /// [`REFUSED_CODE`]), never forwarded. `call.tool` is empty when the
+    /// request named none or was too long to read.
     fn call_refused(&self, call: &CallStart, reason: &str);
 
     /// Handshake data (protocol version, client and server name and version).
@@ -83,6 +90,10 @@ pub trait RelayHooks: Send + Sync + 'static {
 
     /// A `tools/list` result was seen; `tools` is everything seen so far.
     fn tools_listed(&self, _tools: &BTreeMap<String, ToolAnnotations>) {}
+
+    /// The server sent a request the policy's `[mcp]` section governs
+    /// (sampling, elicitation), and what was done with it.
+    fn server_request(&self, _method: &str, _decision: crate::policy::model::Governance) {}
 }
 
 #[cfg(test)]

@@ -19,10 +19,17 @@
 //! - When the server's stdout ends, every call still in flight ends with
 //!   outcome error ("server exited").
 //!
-//! Lines the classifier cannot read (not JSON-RPC, or longer than the parse
-//! limit) are forwarded and counted. Such a line cannot start a call's rights:
-//! a server that accepts what the classifier rejects runs it under the
-//! server-level rules only.
+//! A line strict JSON rejects is read again through
+//! [`super::jsonrpc::lenient_copy`] (invalid UTF-8, lone surrogates, NaN...),
+//! so a refused tool can't slip past in a form a lenient server parser
+//! accepts, and a server can't hide a response from the relay that a lenient
+//! client accepts. Lines that still can't be read (not JSON-RPC, or longer
+//! than the parse limit) are forwarded and counted. Such a line never starts
+//! a call's rights. Lines over the parse limit are scanned as they stream
+//! ([`LineScan`]): a huge server result still ends its call before its last
+//! piece is written; a huge client `tools/call` is refused (its closing
+//! bracket is held back so the server never has it whole, and the server's
+//! stdin is closed since it holds a partial line).
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,11 +39,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::calls::{CallEnd, CallStart, CallTracker, Outcome};
 use super::framing::{Frame, Framer, DEFAULT_PARSE_LIMIT};
 use super::jsonrpc::{
-    call_result, classify, server_hello, task_result, tool_annotations, CallResult, Classified,
-    Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+    call_result, classify, lenient_copy, server_hello, task_result, tool_annotations, CallResult,
+    Classified, LineScan, Message, Notification, Request, RequestId, ResponseBody, ToolAnnotations,
+    ToolCall,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
-use crate::policy::model::Policy;
+use crate::policy::model::{Governance, Policy};
 
 /// JSON-RPC error code of every response the relay writes itself when it
 /// refuses a call: -32001, in the range JSON-RPC reserves for
@@ -79,6 +87,10 @@ pub struct RelayStats {
     /// Of the unparsed, lines longer than the parse limit.
     pub oversize_c2s: u64,
     pub oversize_s2c: u64,
+    /// Lines strict JSON rejected but read through [`lenient_copy`] (what
+    /// lenient server and client parsers accept); acted on like any other.
+    pub lenient_c2s: u64,
+    pub lenient_s2c: u64,
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
     /// `tools/call`s answered by the relay and never forwarded.
@@ -138,14 +150,16 @@ where
     SW: AsyncWrite + Unpin + Send,
     SR: AsyncRead + Unpin + Send,
 {
+    let (replies_tx, replies_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Shared {
         state: Mutex::new(State::default()),
         client_out: tokio::sync::Mutex::new(client_out),
+        server_replies: replies_tx,
         policy: &policy,
         hooks: &*hooks,
         opts: &opts,
     };
-    let mut c2s = Box::pin(client_to_server(&shared, client_in, server_in));
+    let mut c2s = Box::pin(client_to_server(&shared, client_in, server_in, replies_rx));
     let mut s2c = Box::pin(server_to_client(&shared, server_out));
     let mut c2s_done = false;
     let result = loop {
@@ -198,6 +212,10 @@ struct State {
 struct Shared<'a, H, CW> {
     state: Mutex<State>,
     client_out: tokio::sync::Mutex<CW>,
+    /// Lines of the relay's own for the server (answers to server requests
+    /// the policy refuses), written by the client->server task between
+    /// whole client lines.
+    server_replies: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     policy: &'a Policy,
     hooks: &'a H,
     opts: &'a RelayOptions,
@@ -229,8 +247,12 @@ impl<H: RelayHooks, CW: AsyncWrite + Unpin + Send> Shared<'_, H, CW> {
     }
 }
 
-async fn client_to_server<H, CW, CR, SW>(sh: &Shared<'_, H, CW>, mut input: CR, mut server: SW)
-where
+async fn client_to_server<H, CW, CR, SW>(
+    sh: &Shared<'_, H, CW>,
+    mut input: CR,
+    mut server: SW,
+    mut replies: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) where
     H: RelayHooks,
     CW: AsyncWrite + Unpin + Send,
     CR: AsyncRead + Unpin + Send,
@@ -239,14 +261,27 @@ where
     let mut framer = Framer::new(sh.opts.parse_limit);
     let mut buf = vec![0u8; sh.opts.read_size.max(1)];
     let mut server_open = true;
+    let mut long: Option<LongRequest> = None;
     'read: loop {
         while let Some(frame) = framer.next_frame() {
-            if !c2s_frame(sh, frame, &mut server).await {
+            if !c2s_frame(sh, frame, &mut long, &mut server).await {
                 server_open = false;
                 break 'read;
             }
         }
-        match input.read(&mut buf).await {
+        // The relay's own answers go to the server only between whole
+        // client lines (never inside a long one being forwarded).
+        let read = tokio::select! {
+            r = input.read(&mut buf) => r,
+            Some(line) = replies.recv(), if long.is_none() && !framer.in_oversize() => {
+                if !forward_server(sh, &mut server, &line).await {
+                    server_open = false;
+                    break 'read;
+                }
+                continue;
+            }
+        };
+        match read {
             Ok(0) => break,
             Ok(n) => framer.feed(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -258,7 +293,7 @@ where
     }
     if server_open {
         if let Some(frame) = framer.finish() {
-            c2s_frame(sh, frame, &mut server).await;
+            c2s_frame(sh, frame, &mut long, &mut server).await;
         }
     }
     // Closing the server's stdin tells it the client is gone.
@@ -269,9 +304,29 @@ where
     drop(server);
 }
 
+/// A client line over the parse limit, being forwarded piece by piece.
+#[derive(Default)]
+struct LongRequest {
+    scan: LineScan,
+    /// Held back: the line from its last non-whitespace byte seen so far. With
+    /// the closing bracket withheld, what the server has is never a whole
+    /// JSON text, so a `tools/call` found at the end can still be stopped.
+    carry: Vec<u8>,
+    /// The carry outgrew [`MAX_CARRY`] (a run of whitespace) and went out.
+    leaked: bool,
+}
+
+/// Most whitespace held back behind a long line's last non-whitespace byte.
+const MAX_CARRY: usize = 1 << 20;
+
 /// Handle one frame from the client. False when the server can no longer be
-/// written to.
-async fn c2s_frame<H, CW, SW>(sh: &Shared<'_, H, CW>, frame: Frame<'_>, server: &mut SW) -> bool
+/// written to (or must not be: see [`long_request_end`]).
+async fn c2s_frame<H, CW, SW>(
+    sh: &Shared<'_, H, CW>,
+    frame: Frame<'_>,
+    long: &mut Option<LongRequest>,
+    server: &mut SW,
+) -> bool
 where
     H: RelayHooks,
     CW: AsyncWrite + Unpin + Send,
@@ -279,19 +334,51 @@ where
 {
     match frame {
         Frame::Oversize { bytes, last } => {
-            {
-                let mut st = sh.lock();
-                if last {
+            let lr = long.get_or_insert_with(LongRequest::default);
+            lr.scan.push(bytes);
+            if last {
+                let lr = std::mem::take(lr);
+                *long = None;
+                {
+                    let mut st = sh.lock();
                     st.stats.lines_c2s += 1;
                     st.stats.unparsed_c2s += 1;
                     st.stats.oversize_c2s += 1;
                 }
+                return long_request_end(sh, lr, bytes, server).await;
             }
-            forward_server(sh, server, bytes).await
+            match bytes.iter().rposition(|b| !b.is_ascii_whitespace()) {
+                Some(p) => {
+                    let carry = std::mem::replace(&mut lr.carry, bytes[p..].to_vec());
+                    forward_server(sh, server, &carry).await
+                        && forward_server(sh, server, &bytes[..p]).await
+                }
+                None => {
+                    lr.carry.extend_from_slice(bytes);
+                    if lr.carry.len() > MAX_CARRY {
+                        lr.leaked = true;
+                        let carry = std::mem::take(&mut lr.carry);
+                        forward_server(sh, server, &carry).await
+                    } else {
+                        true
+                    }
+                }
+            }
         }
         Frame::Line(line) => {
             sh.lock().stats.lines_c2s += 1;
-            match classify(line) {
+            let copy;
+            let (classified, lenient) = match classify(line) {
+                Classified::NotMcp => {
+                    copy = lenient_copy(line);
+                    classify_copy(copy.as_deref())
+                }
+                c => (c, false),
+            };
+            if lenient {
+                sh.lock().stats.lenient_c2s += 1;
+            }
+            match classified {
                 Classified::NotMcp => {
                     sh.lock().stats.unparsed_c2s += 1;
                     forward_server(sh, server, line).await
@@ -302,6 +389,15 @@ where
                 Classified::Batch(ms) => c2s_messages(sh, line, &ms, true, server).await,
             }
         }
+    }
+}
+
+/// Classify the lenient copy of a line strict parsing rejected; true when
+/// that found JSON-RPC.
+fn classify_copy(copy: Option<&[u8]>) -> (Classified<'_>, bool) {
+    match copy.map(classify) {
+        Some(c @ (Classified::Single(_) | Classified::Batch(_))) => (c, true),
+        _ => (Classified::NotMcp, false),
     }
 }
 
@@ -325,6 +421,67 @@ where
             false
         }
     }
+}
+
+/// The last piece of a client line over the parse limit. A `tools/call` can't
+/// be judged without its tool name, so it is refused: its line is never
+/// completed, and the server's stdin is closed (returns false) because the
+/// server holds a partial line that anything sent after it would extend.
+async fn long_request_end<H, CW, SW>(
+    sh: &Shared<'_, H, CW>,
+    lr: LongRequest,
+    last: &[u8],
+    server: &mut SW,
+) -> bool
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+    SW: AsyncWrite + Unpin + Send,
+{
+    if lr.scan.method().as_deref() != Some("tools/call") || lr.leaked {
+        return forward_server(sh, server, &lr.carry).await
+            && forward_server(sh, server, last).await;
+    }
+    let reason = format!(
+        "a tools/call of {} bytes is over the relay's parse limit of {} bytes; \
+         the server's input is closed",
+        lr.scan.bytes(),
+        sh.opts.parse_limit
+    );
+    match lr.scan.id() {
+        Some(id) => {
+            let start = CallStart {
+                id: id.clone(),
+                tool: String::new(),
+                args_hash: String::new(),
+                request_bytes: lr.scan.bytes(),
+                task: false,
+            };
+            let msg = Message::Request {
+                id_json: id.to_json(),
+                id,
+                method: "tools/call".to_owned(),
+                request: Request::ToolsCall(ToolCall {
+                    name: None,
+                    args_hash: String::new(),
+                    task: false,
+                }),
+            };
+            refuse(
+                sh,
+                std::slice::from_ref(&msg),
+                std::slice::from_ref(&start),
+                &reason,
+                false,
+            )
+            .await;
+        }
+        None => {
+            sh.lock().stats.refused += 1;
+            log::warn!("relay: {reason}");
+        }
+    }
+    false
 }
 
 /// Why the policy (or the relay's own rules) refuse this call, if it does.
@@ -539,16 +696,17 @@ async fn refuse<H, CW>(
     let mut errors = Vec::new();
     for m in msgs {
         if let Message::Request {
-            id,
+            id_json,
             request,
             method,
+            ..
         } = m
         {
             let tool = match request {
                 Request::ToolsCall(c) => c.name.as_deref(),
                 _ => None,
             };
-            errors.push(error_response(sh.policy, id, method, tool, &reason));
+            errors.push(error_response(sh.policy, id_json, method, tool, &reason));
         }
     }
     for call in calls {
@@ -570,9 +728,18 @@ async fn refuse<H, CW>(
     sh.write_client(&line).await;
 }
 
+/// What `[mcp]` says of a server-initiated request, if it governs it.
+fn governance(policy: &Policy, method: &str) -> Option<Governance> {
+    match method {
+        "sampling/createMessage" => Some(policy.mcp.sampling),
+        "elicitation/create" => Some(policy.mcp.elicitation),
+        _ => None,
+    }
+}
+
 fn error_response(
     policy: &Policy,
-    id: &RequestId,
+    id: &Value,
     method: &str,
     tool: Option<&str>,
     reason: &str,
@@ -583,7 +750,7 @@ fn error_response(
     };
     json!({
         "jsonrpc": "2.0",
-        "id": id.to_json(),
+        "id": id,
         "error": {
             "code": REFUSED_CODE,
             "message": format!(
@@ -611,8 +778,7 @@ where
 {
     let mut framer = Framer::new(sh.opts.parse_limit);
     let mut buf = vec![0u8; sh.opts.read_size.max(1)];
-    // Held from the first to the last piece of an oversize line.
-    let mut held: Option<tokio::sync::MutexGuard<'_, CW>> = None;
+    let mut held: Option<LongLine<'_, CW>> = None;
     loop {
         while let Some(frame) = framer.next_frame() {
             s2c_frame(sh, frame, &mut held).await?;
@@ -630,10 +796,18 @@ where
     Ok(())
 }
 
+/// A server line over the parse limit, being forwarded piece by piece: the
+/// client writer stays locked from its first to its last piece, and the scan
+/// looks for the id of the response it may be.
+struct LongLine<'s, CW> {
+    writer: tokio::sync::MutexGuard<'s, CW>,
+    scan: LineScan,
+}
+
 async fn s2c_frame<'s, H, CW>(
     sh: &'s Shared<'_, H, CW>,
     frame: Frame<'_>,
-    held: &mut Option<tokio::sync::MutexGuard<'s, CW>>,
+    held: &mut Option<LongLine<'s, CW>>,
 ) -> Result<(), RelayError>
 where
     H: RelayHooks,
@@ -641,10 +815,31 @@ where
 {
     match frame {
         Frame::Oversize { bytes, last } => {
-            let w = match held {
-                Some(w) => w,
-                None => held.insert(sh.client_out.lock().await),
+            let long = match held {
+                Some(l) => l,
+                None => held.insert(LongLine {
+                    writer: sh.client_out.lock().await,
+                    scan: LineScan::new(),
+                }),
             };
+            long.scan.push(bytes);
+            if last {
+                // The client can't act on a line before its end arrives, so
+                // ending the call before writing the last piece still
+                // withdraws rights before the client sees the result.
+                if let Some((id, is_error)) = long.scan.response() {
+                    let outcome = if is_error {
+                        Outcome::Error
+                    } else {
+                        Outcome::Ok
+                    };
+                    let end = sh.lock().tracker.end(&id, outcome, long.scan.bytes(), None);
+                    if let Some(end) = end {
+                        sh.end_calls(std::slice::from_ref(&end)).await;
+                    }
+                }
+            }
+            let w = &mut long.writer;
             w.write_all(bytes).await.map_err(RelayError::ClientWrite)?;
             if last {
                 w.flush().await.map_err(RelayError::ClientWrite)?;
@@ -663,15 +858,26 @@ where
             let effects = {
                 let mut st = sh.lock();
                 st.stats.lines_s2c += 1;
-                match classify(line) {
+                let copy;
+                let (classified, lenient) = match classify(line) {
+                    Classified::NotMcp => {
+                        copy = lenient_copy(line);
+                        classify_copy(copy.as_deref())
+                    }
+                    c => (c, false),
+                };
+                if lenient {
+                    st.stats.lenient_s2c += 1;
+                }
+                match classified {
                     Classified::NotMcp => {
                         st.stats.unparsed_s2c += 1;
                         S2cEffects::default()
                     }
                     Classified::Single(m) => {
-                        s2c_messages(&mut st, std::slice::from_ref(&m), line.len())
+                        s2c_messages(&mut st, sh.policy, std::slice::from_ref(&m), line.len())
                     }
-                    Classified::Batch(ms) => s2c_messages(&mut st, &ms, line.len()),
+                    Classified::Batch(ms) => s2c_messages(&mut st, sh.policy, &ms, line.len()),
                 }
             };
             // Rights are withdrawn before the client can see the result.
@@ -681,6 +887,43 @@ where
             }
             if let Some(t) = &effects.tools {
                 sh.hooks.tools_listed(t);
+            }
+            for (_, method, g) in &effects.governed {
+                sh.hooks.server_request(method, *g);
+            }
+            if effects
+                .governed
+                .iter()
+                .any(|(_, _, g)| *g == Governance::Deny)
+            {
+                // Refused: the client never sees it; the server gets an
+                // error for every request in the line (a batch is refused
+                // whole: the relay never rewrites bytes it forwards).
+                let errors: Vec<Value> = effects
+                    .request_ids
+                    .iter()
+                    .map(|(id, method)| {
+                        let reason = match governance(sh.policy, method) {
+                            Some(Governance::Deny) => format!(
+                                "server-initiated {method} is denied by the policy's [mcp] section"
+                            ),
+                            _ => "it came in a batch with a refused request".to_string(),
+                        };
+                        error_response(sh.policy, id, method, None, &reason)
+                    })
+                    .collect();
+                let body = if errors.len() == 1 {
+                    errors.into_iter().next().unwrap_or(Value::Null)
+                } else {
+                    Value::Array(errors)
+                };
+                let mut reply = body.to_string().into_bytes();
+                reply.push(b'\n');
+                let _ = sh.server_replies.send(reply);
+                let mut st = sh.lock();
+                st.stats.refused += 1;
+                st.stats.bytes_s2c += line.len() as u64;
+                return Ok(());
             }
             let mut w = sh.client_out.lock().await;
             w.write_all(line).await.map_err(RelayError::ClientWrite)?;
@@ -694,6 +937,11 @@ where
 
 #[derive(Default)]
 struct S2cEffects {
+    /// Server-initiated requests under `[mcp]` governance: (id as written,
+    /// method, what the policy says).
+    governed: Vec<(Value, String, Governance)>,
+    /// Ids of every request in the line (to refuse a whole batch).
+    request_ids: Vec<(Value, String)>,
     ends: Vec<CallEnd>,
     session: Option<SessionInfo>,
     tools: Option<BTreeMap<String, ToolAnnotations>>,
@@ -701,11 +949,19 @@ struct S2cEffects {
 
 /// Read the server's messages against what is in flight. Sync: runs under
 /// the state lock.
-fn s2c_messages(st: &mut State, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
+fn s2c_messages(st: &mut State, policy: &Policy, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
     let bytes = bytes as u64;
     let mut fx = S2cEffects::default();
     for m in msgs {
         match m {
+            Message::Request {
+                id_json, method, ..
+            } => {
+                fx.request_ids.push((id_json.clone(), method.clone()));
+                if let Some(g) = governance(policy, method) {
+                    fx.governed.push((id_json.clone(), method.clone(), g));
+                }
+            }
             Message::Response { id: Some(id), body } => {
                 if let Some(start) = st.tracker.get(id) {
                     let asked_for_task = start.task;

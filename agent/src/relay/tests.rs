@@ -20,6 +20,7 @@ fn policy(allow: Option<&[&str]>) -> Arc<Policy> {
         tools_allow: allow.map(|a| a.iter().map(|s| s.to_string()).collect()),
         tools: Vec::new(),
         source: "test:policy.toml".into(),
+        mcp: Default::default(),
     })
 }
 
@@ -268,17 +269,94 @@ async fn oversize_lines_are_forwarded_and_counted() {
         read_size: 7,
     };
     let mut r = rig(policy(Some(&[])), hooks.clone(), opts);
-    // Over the parse limit: forwarded unread (so not refused), counted.
-    let long = format!("{}{}", call("1", "denied").trim_end(), " ".repeat(100));
-    send(&mut r.client_w, &format!("{long}\n")).await;
-    assert_eq!(line(&mut r.server_r).await, format!("{long}\n"));
+    // Over the parse limit and not a tools/call: forwarded whole, counted.
+    let long = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"resources/read\",\"params\":{{\"uri\":\"{}\"}}}}   \n",
+        "u".repeat(300)
+    );
+    send(&mut r.client_w, &long).await;
+    assert_eq!(line(&mut r.server_r).await, long);
     let long_down = format!("{}\n", "x".repeat(500));
     send(&mut r.server_w, &long_down).await;
     assert_eq!(line(&mut r.client_r).await, long_down);
     let stats = finish(r).await;
     assert_eq!((stats.oversize_c2s, stats.oversize_s2c), (1, 1));
     assert_eq!((stats.unparsed_c2s, stats.unparsed_s2c), (1, 1));
+    assert_eq!(stats.bytes_c2s, long.len() as u64);
     assert!(hooks.log().is_empty());
+}
+
+#[tokio::test]
+async fn oversize_tool_call_is_refused_and_never_completed() {
+    let hooks = Arc::new(Rec::default());
+    let opts = RelayOptions {
+        parse_limit: 64,
+        read_size: 7,
+    };
+    // Even an allowed tool: its name can't be read, so its rights can't be
+    // put in force.
+    let mut r = rig(policy(None), hooks.clone(), opts);
+    let long = format!(
+        "{}{}\n",
+        call("\"big\"", "read_file").trim_end(),
+        " \t".repeat(100)
+    );
+    send(&mut r.client_w, &long).await;
+    let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+    assert_eq!(reply["id"], "big");
+    assert_eq!(reply["error"]["code"], REFUSED_CODE);
+    // The server got a strict prefix that is not JSON, then end of input.
+    let mut got = Vec::new();
+    r.server_r
+        .read_to_end(&mut got)
+        .await
+        .expect("server input closed");
+    assert!(long.as_bytes().starts_with(&got) && got.len() < long.len());
+    assert!(!got.contains(&b'\n'));
+    assert!(serde_json::from_slice::<Value>(&got).is_err());
+    // The server can still answer what it had.
+    send(&mut r.server_w, &ok("0")).await;
+    assert_eq!(line(&mut r.client_r).await, ok("0"));
+    let stats = finish(r).await;
+    assert_eq!(
+        (stats.refused, stats.oversize_c2s, stats.calls_begun),
+        (1, 1, 0)
+    );
+    assert_eq!(hooks.log(), vec!["refused \"big\" "]);
+}
+
+#[tokio::test]
+async fn oversize_result_ends_its_call_first() {
+    // A call whose result is over the limit still ends, before the client
+    // has the whole line.
+    let hooks_ok = Arc::new(Rec {
+        end_delay: Duration::from_millis(50),
+        ..Rec::default()
+    });
+    let mut r = rig(
+        policy(None),
+        hooks_ok.clone(),
+        RelayOptions {
+            parse_limit: 200,
+            read_size: 7,
+        },
+    );
+    send(&mut r.client_w, &call("\"k\"", "read_file")).await;
+    line(&mut r.server_r).await;
+    let big = format!(
+        "{{\"jsonrpc\":\"2.0\",\"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\"{}\"}}]}},\"id\":\"k\"}}\n",
+        "y".repeat(1000)
+    );
+    send(&mut r.server_w, &big).await;
+    assert_eq!(line(&mut r.client_r).await, big);
+    assert!(
+        hooks_ok.has("end \"k\" read_file ok"),
+        "{:?}",
+        hooks_ok.log()
+    );
+    let ends = hooks_ok.ends.lock().expect("ends").clone();
+    assert_eq!(ends[0].response_bytes, big.len() as u64);
+    finish(r).await;
 }
 
 #[tokio::test]
@@ -289,7 +367,7 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
         hooks.clone(),
         RelayOptions::default(),
     );
-    for id in ["7", "\"req-7\""] {
+    for id in ["7", "\"req-7\"", "7.0", "9007199254740993"] {
         send(&mut r.client_w, &call(id, "delete_everything")).await;
         let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
         assert_eq!(reply["id"], serde_json::from_str::<Value>(id).expect("id"));
@@ -305,9 +383,9 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
     send(&mut r.server_w, &ok("8")).await;
     assert_eq!(line(&mut r.client_r).await, ok("8"));
     let stats = finish(r).await;
-    assert_eq!(stats.refused, 2);
+    assert_eq!(stats.refused, 4);
     let refused = hooks.refused.lock().expect("refused").clone();
-    assert_eq!(refused.len(), 2);
+    assert_eq!(refused.len(), 4);
     assert_eq!(refused[1].0.id, RequestId::String("req-7".into()));
     assert!(refused[0].1.contains("not allowed by policy"));
     assert_eq!(
@@ -315,6 +393,8 @@ async fn refused_tool_never_reaches_server_and_client_gets_same_id() {
         vec![
             "refused 7 delete_everything",
             "refused \"req-7\" delete_everything",
+            "refused 7 delete_everything",
+            "refused 9007199254740992 delete_everything",
             "begin 8 read_file",
             "end 8 read_file ok"
         ]
@@ -490,6 +570,48 @@ async fn batch_with_a_refused_call_is_refused_whole() {
             "begin 5 read_file",
             "end 5 read_file ok"
         ]
+    );
+}
+
+#[tokio::test]
+async fn refused_tool_in_lenient_json_is_still_refused() {
+    let hooks = Arc::new(Rec::default());
+    let mut r = rig(
+        policy(Some(&["read_file"])),
+        hooks.clone(),
+        RelayOptions::default(),
+    );
+    let sneaky: [&[u8]; 3] = [
+        b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"p\":\"\xff\"}}}\n",
+        b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\",\"arguments\":{\"n\":NaN}}}\n",
+        b"{\"\\udfff\":0,\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"tools/call\",\"params\":{\"name\":\"rm\"}}\n",
+    ];
+    for (i, l) in sneaky.iter().enumerate() {
+        r.client_w.write_all(l).await.expect("write");
+        let reply: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+        assert_eq!(reply["id"], i + 1);
+        assert_eq!(reply["error"]["code"], REFUSED_CODE);
+    }
+    // An allowed call in lenient form goes through, bytes untouched, with its
+    // rights begun; a lenient response ends it.
+    let allowed = b"{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"tools/call\",\"params\":{\"name\":\"read_file\",\"arguments\":{\"p\":\"\xfe\"}}}\n";
+    r.client_w.write_all(allowed).await.expect("write");
+    let mut got = Vec::new();
+    r.server_r.read_until(b'\n', &mut got).await.expect("read");
+    assert_eq!(got, allowed);
+    let reply = b"{\"jsonrpc\":\"2.0\",\"id\":4,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"\xc0\"}]}}\n";
+    r.server_w.write_all(reply).await.expect("write");
+    let mut got = Vec::new();
+    r.client_r.read_until(b'\n', &mut got).await.expect("read");
+    assert_eq!(got, reply);
+    let stats = finish(r).await;
+    assert_eq!(
+        (stats.refused, stats.lenient_c2s, stats.lenient_s2c),
+        (3, 4, 1)
+    );
+    assert_eq!(
+        hooks.log()[3..],
+        ["begin 4 read_file", "end 4 read_file ok"]
     );
 }
 
@@ -733,4 +855,39 @@ async fn relay_to_cat_child() {
         hooks.log(),
         vec!["begin 1 echo", "refused 2 forbidden", "end 1 echo error"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_never_land_inside_a_server_line() {
+    let hooks = Arc::new(Rec::default());
+    let opts = RelayOptions {
+        parse_limit: 150,
+        read_size: 7,
+    };
+    let mut r = rig(policy(Some(&[])), hooks.clone(), opts);
+    // Half of a long server line is on its way to the client...
+    let half = format!(
+        "{{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{{\"data\":\"{}",
+        "z".repeat(400)
+    );
+    send(&mut r.server_w, &half).await;
+    let mut first = vec![0u8; 64];
+    r.client_r
+        .read_exact(&mut first)
+        .await
+        .expect("first bytes");
+    // ...when the relay refuses a call; its answer must wait for the line.
+    send(&mut r.client_w, &call("1", "rm")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest = format!("{}\"}}}}\n", "z".repeat(400));
+    send(&mut r.server_w, &rest).await;
+    let got_first = format!(
+        "{}{}",
+        String::from_utf8(first).expect("utf-8"),
+        line(&mut r.client_r).await
+    );
+    assert_eq!(got_first, format!("{half}{rest}"));
+    let refusal: Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+    assert_eq!(refusal["id"], 1);
+    finish(r).await;
 }
