@@ -617,3 +617,68 @@ fn confined_process_gets_nothing_from_the_socket() {
         "stdout {stdout}\nlog {log}"
     );
 }
+
+#[test]
+fn policy_reload_switches_running_instances_and_keeps_a_good_policy() {
+    let mut agent = Agent::new("reload", false);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let target = format!("127.0.0.1:{port}");
+    agent.policy("reload", "127.0.0.1:1");
+    agent.start();
+    let mut cmd = agent.cmd();
+    cmd.args(["run", "--server", "reload", "--", PROBE]);
+    for _ in 0..4 {
+        cmd.args(["wait-stdin", ";", "tcp-connect", &target, ";"]);
+    }
+    cmd.arg("wait-stdin");
+    let mut run = RunClient::spawn(cmd);
+    assert_eq!(run.step(), "errno=1", "not allowed yet");
+    let name = instances(&agent.status())[0]["instance"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let reloaded = [
+        ("event", json!("policy_reloaded")),
+        ("instance", json!(name)),
+    ];
+
+    // The policy directory changes: the running instance switches.
+    agent.policy("reload", &target);
+    agent.wait_events(1, &reloaded);
+    assert_eq!(run.step(), "ok", "allowed after the reload");
+
+    // A broken policy is refused with file:line:col; the good one stays.
+    let file = agent.policies.join("reload.toml");
+    std::fs::write(&file, "version = 1\nserver = \"reload\"\nmode = 7\n").expect("write");
+    let rejected = agent.wait_events(1, &[("event", json!("policy_rejected"))]);
+    let errors = rejected[0]["errors"].to_string();
+    assert!(
+        errors.contains(&format!("{}:3:8:", file.display())),
+        "{errors}"
+    );
+    assert_eq!(run.step(), "ok", "the good policy is still in force");
+
+    // SIGHUP reloads too, and reopens the audit log (rotation).
+    let rotated = agent.audit.with_extension("jsonl.1");
+    std::fs::rename(&agent.audit, &rotated).expect("rotate");
+    agent.policy("reload", "127.0.0.1:1");
+    // SAFETY: kill(2) of the agent this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    wait_for("the reload after SIGHUP", || {
+        read_events(&agent.audit)
+            .iter()
+            .chain(read_events(&rotated).iter())
+            .filter(|e| e["event"] == "policy_reloaded" && e["instance"] == json!(name))
+            .count()
+            >= 2
+    });
+    assert_eq!(run.step(), "errno=1", "narrowed again");
+    let w = run.stdin.as_mut().expect("stdin");
+    w.write_all(b"go\n").expect("write");
+    assert_eq!(run.next_line(), "ok");
+    assert_eq!(run.wait(), 0);
+    // Records after the rotation went to the new file.
+    agent.wait_events(1, &[("event", json!("exited")), ("instance", json!(name))]);
+    drop(listener);
+}
