@@ -682,3 +682,90 @@ fn policy_reload_switches_running_instances_and_keeps_a_good_policy() {
     agent.wait_events(1, &[("event", json!("exited")), ("instance", json!(name))]);
     drop(listener);
 }
+
+/// Per-tool rights through the agent: the run client forwards each
+/// `tools/call` begin/end over the control socket, and the agent puts the
+/// tool's rights in force before the call is forwarded (MCP Python SDK as
+/// client and server, as in per_tool.rs).
+#[test]
+fn per_tool_rights_through_the_agent() {
+    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    let mut agent = Agent::new("agenttools", false);
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    std::fs::write(
+        agent.policies.join("toolbox.toml"),
+        format!(
+            "version = 1\nserver = \"toolbox\"\n\n[files]\n{}\n\n[network]\nconnect = []\n\n\
+             [tools]\nallow = [\"fetch\", \"compute\"]\n\n[tools.fetch.network]\n\
+             connect = [\"127.0.0.1:{port}\"]\n",
+            python_read_rules()
+        ),
+    )
+    .expect("policy");
+    agent.start();
+    let events = agent.dir.path().join("run-events.jsonl");
+    let steps = json!([
+        {"tool": "fetch", "args": {"port": port}},
+        {"tool": "compute", "args": {"port": port}},
+        {"tool": "secret_tool", "args": {}},
+        {"tool": "fetch", "args": {"port": port}},
+    ]);
+    // The SDK gives the server a minimal environment: pass the socket
+    // through env(1).
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox", "--events"])
+        .arg(&events)
+        .arg("--")
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("drive.py");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(results.len(), 4, "{results:#?}\n{stderr}\nagent:\n{}", agent.log());
+    assert_eq!(results[0]["text"], "ok", "fetch holds its right: {results:#?}");
+    assert_eq!(results[1]["text"], "errno=1", "compute does not: {results:#?}");
+    assert_eq!(results[2]["ok"], false, "{results:#?}");
+    assert_eq!(results[3]["text"], "ok", "{results:#?}");
+
+    // The agent's audit log and the run's --events file both have the
+    // attributed denial and the call records.
+    for evs in [read_events(&agent.audit), read_events(&events)] {
+        let deny: Vec<&Value> = evs
+            .iter()
+            .filter(|e| e["kind"] == "net" && e["decision"] == "deny" && e["port"] == port)
+            .collect();
+        assert_eq!(deny.len(), 1, "{evs:#?}");
+        assert_eq!(deny[0]["tool"], "compute");
+        assert!(deny[0]["call_id"].is_number());
+        assert_eq!(deny[0]["client"]["name"], "mcp", "{}", deny[0]);
+        let outcomes: Vec<(String, String)> = evs
+            .iter()
+            .filter(|e| e["kind"] == "tool_call")
+            .map(|e| {
+                (
+                    e["tool"].as_str().unwrap_or("").to_string(),
+                    e["outcome"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        for want in [("fetch", "ok"), ("compute", "ok"), ("secret_tool", "refused")] {
+            assert!(
+                outcomes.iter().any(|(t, o)| t == want.0 && o == want.1),
+                "{want:?} missing in {outcomes:?}"
+            );
+        }
+    }
+    drop(l);
+}
