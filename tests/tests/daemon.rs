@@ -769,3 +769,58 @@ fn per_tool_rights_through_the_agent() {
     }
     drop(l);
 }
+
+/// The agent dies mid-session: the next tool call is refused by the relay
+/// (fail closed), never forwarded without its rights in force.
+#[test]
+fn tool_calls_fail_closed_when_the_agent_is_gone() {
+    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    let mut agent = Agent::new("failclosed", false);
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    std::fs::write(
+        agent.policies.join("toolbox.toml"),
+        format!(
+            "version = 1\nserver = \"toolbox\"\n\n[files]\n{}\n\n[tools.fetch.network]\n\
+             connect = [\"127.0.0.1:{port}\"]\n",
+            python_read_rules()
+        ),
+    )
+    .expect("policy");
+    agent.start();
+    let steps = json!([
+        {"tool": "fetch", "args": {"port": port}},
+        {"sleep_ms": 3000},
+        {"tool": "fetch", "args": {"port": port}},
+    ]);
+    let child = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox", "--"])
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("drive.py");
+    agent.wait_events(1, &[("kind", json!("tool_call")), ("tool", json!("fetch"))]);
+    agent.kill9();
+    let out = child.wait_with_output().expect("drive.py");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(results.len(), 2, "{results:#?}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(results[0]["text"], "ok");
+    assert_eq!(results[1]["ok"], false, "refused without the agent: {results:#?}");
+    assert!(
+        results[1]["error"].as_str().is_some_and(|e| e.contains("agent")),
+        "{results:#?}"
+    );
+    drop(l);
+}
