@@ -50,6 +50,10 @@ pub mod flags {
     pub const EMIT_ALLOWED: u32 = 1 << 1;
     /// `on_violation = "kill"`: userspace ends the whole tree on a denial.
     pub const KILL: u32 = 1 << 2;
+    /// Every call in flight is of a tool that declared `openWorldHint:
+    /// false`: network egress (connect, sendmsg) is refused even where the
+    /// rules allow it.
+    pub const CLOSED_WORLD: u32 = 1 << 3;
 }
 
 /// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the
