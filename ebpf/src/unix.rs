@@ -19,7 +19,9 @@
 //! Fail closed, like the inet hooks: a confined task whose instance state
 //! or destination cannot be read is refused.
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::cgroup_sock_addr, maps::lpm_trie::Key,
+    helpers::{bpf_probe_read_kernel, generated},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use mcp_warden_common::{
@@ -47,9 +49,6 @@ static MW_SAK_UADDRLEN: u32 = 0;
 /// Largest offset accepted (the struct is 40 bytes on 6.7 .. 6.18).
 const MAX_OFF: u32 = 256;
 
-/// sockaddr_un: 2 bytes of family, then up to 108 bytes of path.
-const SUN_LEN: usize = 2 + UNIX_PATH_MAX;
-
 #[inline(always)]
 fn read_global(g: &'static u32) -> u32 {
     // SAFETY: a read of our own global; volatile so the value the agent
@@ -69,45 +68,78 @@ fn destination(ctx: &SockAddrContext, key: &mut UnixKey) -> bool {
     }
     let base = ctx.sock_addr as *const u8;
     // SAFETY: checked kernel reads; the offsets come from this kernel's BTF.
-    let uaddr = match unsafe { bpf_probe_read_kernel(base.wrapping_add(off_addr as usize) as *const u64) } {
+    let uaddr = match unsafe {
+        bpf_probe_read_kernel(base.wrapping_add(off_addr as usize) as *const u64)
+    } {
         Ok(p) => p,
         Err(_) => return false,
     };
     // SAFETY: as above.
-    let ulen = match unsafe { bpf_probe_read_kernel(base.wrapping_add(off_len as usize) as *const u32) } {
-        Ok(n) => n as usize,
-        Err(_) => return false,
-    };
+    let ulen =
+        match unsafe { bpf_probe_read_kernel(base.wrapping_add(off_len as usize) as *const u32) } {
+            Ok(n) => n as usize,
+            Err(_) => return false,
+        };
     if uaddr == 0 || ulen <= 2 {
         // An unnamed destination (autobind) or none: nothing to judge by.
         return false;
     }
+    // Path bytes the caller gave (addrlen minus sun_family), at most 108.
+    let mut n = ulen - 2;
+    if n > UNIX_PATH_MAX {
+        n = UNIX_PATH_MAX;
+    }
     // The kernel copied the address into a sockaddr_storage (128 bytes):
-    // reading a whole sockaddr_un stays inside it.
+    // every read below stays inside it. `key.path` starts all zero, and no
+    // helper below writes past the bytes it copies, so the key stays
+    // zero-padded.
+    let path = (uaddr as *const u8).wrapping_add(2);
     // SAFETY: checked kernel read.
-    let sun = match unsafe { bpf_probe_read_kernel(uaddr as *const [u8; SUN_LEN]) } {
-        Ok(s) => s,
+    let first = match unsafe { bpf_probe_read_kernel(path) } {
+        Ok(b) => b,
         Err(_) => return false,
     };
-    let n = if ulen > SUN_LEN { UNIX_PATH_MAX } else { ulen - 2 };
-    let abstract_ = sun[2] == 0;
-    let mut ended = false;
-    let mut i = 0;
-    while i < UNIX_PATH_MAX {
-        let b = sun[2 + i];
-        if i >= n {
-            ended = true;
-        } else if abstract_ {
-            if i == 0 {
-                key.path[0] = b'@';
-                i += 1;
-                continue;
-            }
-        } else if b == 0 {
-            ended = true;
+    let dst = key.path.as_mut_ptr();
+    if first == 0 {
+        // Abstract: `@` and the name's exact bytes (it may hold NULs; its
+        // length is addrlen, not a terminator).
+        key.path[0] = b'@';
+        let len = (n - 1) as u32;
+        if len == 0 || len > (UNIX_PATH_MAX - 1) as u32 {
+            return false;
         }
-        key.path[i] = if ended { 0 } else { b };
-        i += 1;
+        // SAFETY: checked kernel read of `len` <= 107 bytes into path[1..].
+        let r = unsafe {
+            generated::bpf_probe_read_kernel(
+                dst.wrapping_add(1).cast(),
+                len,
+                path.wrapping_add(1).cast(),
+            )
+        };
+        return r == 0;
+    }
+    // Pathname: the bytes up to the first NUL or the addrlen, whichever
+    // comes first (what the kernel itself will look up). The string read
+    // stops at a NUL and writes one after what it copied, so read at most
+    // n + 1 bytes including that NUL.
+    let mut size = (n + 1) as u32;
+    if size > UNIX_PATH_MAX as u32 {
+        size = UNIX_PATH_MAX as u32;
+    }
+    // SAFETY: checked kernel string read of at most 108 bytes into path.
+    let got = unsafe { generated::bpf_probe_read_kernel_str(dst.cast(), size, path.cast()) };
+    if got <= 0 {
+        return false;
+    }
+    if got as usize == UNIX_PATH_MAX && n == UNIX_PATH_MAX {
+        // 107 bytes and the helper's NUL: the name may have a 108th byte,
+        // which the key must hold, or an exact 107-byte rule would match a
+        // longer name.
+        // SAFETY: checked kernel read of one byte.
+        match unsafe { bpf_probe_read_kernel(path.wrapping_add(UNIX_PATH_MAX - 1)) } {
+            Ok(b) => key.path[UNIX_PATH_MAX - 1] = b,
+            Err(_) => return false,
+        }
     }
     true
 }

@@ -688,8 +688,14 @@ unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
         let p =
             pol("[network]\nunix = [\"/tmp/**\"]\n[tools.t.network]\nunix = [\"/tmp/x.sock\"]\n");
         let c = compile_net(&p, 9, &no_dns()).unwrap();
-        assert_eq!(unix_lookup(&c.unix, 9, "/tmp/x.sock2").map(|v| v.mask), Some(S));
-        assert_eq!(unix_lookup(&c.unix, 9, "/tmp/x.soc").map(|v| v.mask), Some(S));
+        assert_eq!(
+            unix_lookup(&c.unix, 9, "/tmp/x.sock2").map(|v| v.mask),
+            Some(S)
+        );
+        assert_eq!(
+            unix_lookup(&c.unix, 9, "/tmp/x.soc").map(|v| v.mask),
+            Some(S)
+        );
         assert_eq!(
             unix_lookup(&c.unix, 9, "/tmp/x.sock").map(|v| v.mask),
             Some(S | 2)
