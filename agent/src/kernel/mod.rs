@@ -2,7 +2,14 @@
 //! instance's cgroup, and keep the maps (instances, rules) in step with the
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
-use std::{collections::BTreeMap, os::fd::AsFd};
+pub mod btf;
+pub mod raw;
+pub mod unix;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, OwnedFd},
+};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -53,6 +60,8 @@ pub enum KernelError {
     Tracefs(std::io::Error),
     #[error("link: {0}")]
     Link(#[from] LinkError),
+    #[error("{0}")]
+    Raw(#[from] raw::RawError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -77,12 +86,18 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
+    /// bpf_links made by [`raw`] (the unix hooks): closing the fd detaches.
+    raw: Vec<(&'static str, OwnedFd)>,
 }
 
 impl CgroupLinks {
     /// Names of the attached hooks, for `status` and the log.
     pub fn hooks(&self) -> Vec<&'static str> {
-        self.links.iter().map(|(n, _)| *n).collect()
+        self.links
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(self.raw.iter().map(|(n, _)| *n))
+            .collect()
     }
 }
 
@@ -104,6 +119,8 @@ pub struct Kernel {
     bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
+    /// The unix connect/sendmsg programs, when this kernel has them.
+    unix_progs: Vec<raw::RawProgram>,
     caps: Capabilities,
 }
 
@@ -161,8 +178,45 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        // Struct offsets the unix hooks need, from this kernel's BTF.
+        let unix_layout = btf::Btf::from_sys_fs()
+            .map_err(unix::LayoutError::from)
+            .and_then(|b| unix::layout(&b));
+        let mut loader = EbpfLoader::new();
+        if let Ok(l) = &unix_layout {
+            loader
+                .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
+                .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let mut caps = Capabilities::default();
+        let unix_progs = match &unix_layout {
+            Ok(l) => match unix::load(&ebpf, OBJECT) {
+                Ok(p) => {
+                    log::debug!("unix socket hooks loaded (bpf_sock_addr_kern: {l:?})");
+                    p
+                }
+                Err(e) => {
+                    log::error!(
+                        "unix socket hooks NOT enabled: connects and sends to unix sockets \
+                         are not confined on this host: {e}"
+                    );
+                    Vec::new()
+                }
+            },
+            Err(e) => {
+                log::error!(
+                    "unix socket hooks NOT enabled: connects and sends to unix sockets are \
+                     not confined on this host: reading struct bpf_sock_addr_kern from {}: {e}",
+                    btf::VMLINUX
+                );
+                Vec::new()
+            }
+        };
+        for hook in [unix::HOOK_CONNECT, unix::HOOK_SENDMSG] {
+            caps.hooks
+                .insert(hook, unix_progs.iter().any(|p| p.name == hook));
+        }
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -277,6 +331,7 @@ impl Kernel {
             bytes,
             events: Some(events),
             _tracepoints: tracepoints,
+            unix_progs,
             caps,
         })
     }
@@ -337,7 +392,11 @@ impl Kernel {
             let link = p.take_link(id).map_err(prog_err(name))?;
             links.push((name, FdLink::try_from(link)?));
         }
-        Ok(CgroupLinks { links })
+        let mut raw = Vec::new();
+        for p in &self.unix_progs {
+            raw.push((p.name, p.attach(cgroup)?));
+        }
+        Ok(CgroupLinks { links, raw })
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
