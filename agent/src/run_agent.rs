@@ -299,36 +299,38 @@ async fn follow_events(
             Err(e) => log::error!("event log {}: {e}", p.display()),
         }
     }
-    let mut c = match Client::connect(&sock).await {
-        Ok(c) => c,
-        Err(e) => {
-            log::warn!("following events: {e}");
-            let _ = ready.send(());
-            return;
-        }
-    };
     let req = Request::Events {
         server: None,
         instance: Some(instance),
     };
-    if c.send(&req).await.is_err() {
-        let _ = ready.send(());
-        return;
-    }
-    let _ = ready.send(());
-    while let Ok(Some(rec)) = c.next().await {
-        if response_error(&rec).is_some() && rec.get("ok").is_some() {
-            log::warn!("events: {rec}");
-            break;
+    let mut ready = Some(ready);
+    // Follow across agent restarts: the stream of a restarted agent picks up
+    // where the kernel's ring buffer kept the events.
+    loop {
+        let c = match Client::connect(&sock).await {
+            Ok(mut c) => c.send(&req).await.map(|_| c),
+            Err(e) => Err(e),
+        };
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
         }
-        for s in &mut sinks {
-            let _ = s.write(&rec);
+        if let Ok(mut c) = c {
+            while let Ok(Some(rec)) = c.next().await {
+                if rec.get("ok").is_some() && response_error(&rec).is_some() {
+                    log::warn!("events: {rec}");
+                    return;
+                }
+                for s in &mut sinks {
+                    let _ = s.write(&rec);
+                }
+                if rec.get("kind").and_then(Value::as_str) == Some("server")
+                    && rec.get("event").and_then(Value::as_str) == Some("exited")
+                {
+                    return;
+                }
+            }
         }
-        if rec.get("kind").and_then(Value::as_str) == Some("server")
-            && rec.get("event").and_then(Value::as_str) == Some("exited")
-        {
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -51,6 +51,10 @@ struct State {
     in_flight: Vec<InFlight>,
     /// (epoch, calls in flight during it), oldest first.
     history: VecDeque<(u64, Vec<(Value, String)>)>,
+    /// Epochs during which the closed-world restriction was in force.
+    closed_world_epochs: std::collections::BTreeSet<u64>,
+    /// Tool annotations from the server's tools/list.
+    annotations: BTreeMap<String, crate::relay::ToolAnnotations>,
     /// Syscall accounting of calls in flight or ended and not yet drained,
     /// keyed by the call id's JSON text.
     acct: HashMap<String, CallAcct>,
@@ -175,6 +179,8 @@ impl Session {
                 inst,
                 in_flight: Vec::new(),
                 history,
+                closed_world_epochs: Default::default(),
+                annotations: BTreeMap::new(),
                 acct: HashMap::new(),
             }),
             sinks,
@@ -335,6 +341,20 @@ impl Session {
         let mask = st.in_flight.iter().fold(SERVER_BIT, |m, c| m | c.bit);
         st.inst.active_mask = mask;
         st.inst.epoch += 1;
+        // Declared capabilities: when every call in flight is of a tool that
+        // declared it touches no open world, egress is refused.
+        let closed = self.policy().mcp.enforce_annotations
+            && !st.in_flight.is_empty()
+            && st.in_flight.iter().all(|c| {
+                st.annotations.get(&c.tool).and_then(|a| a.open_world_hint) == Some(false)
+            });
+        if closed {
+            st.inst.flags |= flags::CLOSED_WORLD;
+            let e = st.inst.epoch;
+            st.closed_world_epochs.insert(e);
+        } else {
+            st.inst.flags &= !flags::CLOSED_WORLD;
+        }
         let calls = st
             .in_flight
             .iter()
@@ -555,6 +575,19 @@ impl Session {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
         let mut rec = events::kernel_record(ev, &self.info, &attr);
         self.stamp(&mut rec);
+        let closed = self
+            .state
+            .lock()
+            .map(|st| st.closed_world_epochs.contains(&ev.epoch))
+            .unwrap_or(false);
+        if closed && ev.kind == mcp_warden_common::kind::NET && ev.decision != decision::ALLOW {
+            if let Value::Object(m) = &mut rec {
+                m.insert(
+                    "reason".into(),
+                    Value::String("the tool declared openWorldHint: false".into()),
+                );
+            }
+        }
         if ev.decision != decision::ALLOW {
             self.metrics
                 .violations
@@ -714,6 +747,32 @@ impl crate::relay::RelayHooks for Session {
         });
     }
 
+    fn tools_listed(&self, tools: &BTreeMap<String, crate::relay::ToolAnnotations>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.annotations = tools.clone();
+        }
+        let seen: serde_json::Map<String, Value> = tools
+            .iter()
+            .map(|(name, a)| (name.clone(), annotations_json(a)))
+            .collect();
+        let seen = Value::Object(seen);
+        let changed = crate::annotations::remember(&self.info.server, &seen);
+        self.record(
+            "server",
+            serde_json::json!({"event": "tools_listed", "annotations": seen}),
+        );
+        if let Some(before) = changed {
+            log::warn!(
+                "{}: the server's tool annotations changed since its last run",
+                self.info.instance
+            );
+            self.record(
+                "server",
+                serde_json::json!({"event": "annotations_changed", "before": before, "after": seen}),
+            );
+        }
+    }
+
     fn server_request(&self, method: &str, decision: crate::policy::Governance) {
         use crate::policy::Governance;
         let calls = self
@@ -804,4 +863,13 @@ pub async fn run_accountant(
             log::error!("syscall accounting task: {e}");
         }
     }
+}
+
+fn annotations_json(a: &crate::relay::ToolAnnotations) -> Value {
+    serde_json::json!({
+        "readOnlyHint": a.read_only_hint,
+        "destructiveHint": a.destructive_hint,
+        "idempotentHint": a.idempotent_hint,
+        "openWorldHint": a.open_world_hint,
+    })
 }

@@ -33,6 +33,10 @@ pub mod programs {
     pub const SYS_ENTER_CONNECT: &str = "mw_sys_connect";
     pub const SCHED_EXEC: &str = "mw_sched_exec";
     pub const SCHED_EXIT: &str = "mw_sched_exit";
+    /// Loaded by the agent itself with expected attach type
+    /// BPF_CGROUP_UNIX_CONNECT / UNIX_SENDMSG (aya 0.14 cannot).
+    pub const UNIX_CONNECT: &str = "mw_unix_connect";
+    pub const UNIX_SENDMSG: &str = "mw_unix_sendmsg";
 }
 
 /// Bit 0 of every rule mask: the rule belongs to the server itself and holds
@@ -50,6 +54,10 @@ pub mod flags {
     pub const EMIT_ALLOWED: u32 = 1 << 1;
     /// `on_violation = "kill"`: userspace ends the whole tree on a denial.
     pub const KILL: u32 = 1 << 2;
+    /// Every call in flight is of a tool that declared `openWorldHint:
+    /// false`: network egress (connect, sendmsg) is refused even where the
+    /// rules allow it.
+    pub const CLOSED_WORLD: u32 = 1 << 3;
 }
 
 /// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the
@@ -167,6 +175,8 @@ impl NetRule {
 /// Unix socket paths: LPM over (policy id, path bytes). Abstract names are
 /// stored with their leading NUL as '@'.
 pub const UNIX_PATH_MAX: usize = 108;
+/// Bits of `UnixKey` before the path: the policy id.
+pub const UNIX_KEY_FIXED_BITS: u32 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,7 +195,10 @@ impl Default for UnixKey {
 }
 
 /// Value for path rules: which rule sets grant it, and whether the entry is
-/// a subtree (`/dir/**`) or an exact path.
+/// a subtree (`/dir/**`) or an exact path. Exact entries are keyed with
+/// their terminating NUL (prefix covers `len + 1` path bytes) and lookups
+/// use the zero-padded path, so an exact entry matches only its own path
+/// and never shadows a subtree that contains it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathRule {

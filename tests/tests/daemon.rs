@@ -581,41 +581,46 @@ fn user_policies_recorded_and_agent_socket_unreachable() {
 }
 
 #[test]
-fn confined_process_gets_nothing_from_the_socket() {
+fn confined_process_cannot_reach_the_agent() {
     let mut agent = Agent::new("confpeer", true);
-    // The policy allows the unix connect itself only as far as a policy can
-    // (it cannot name the agent's socket): the control socket refuses the
-    // peer by its cgroup.
     agent.policy("peer", "127.0.0.1:1");
     agent.start();
     let sock = agent.sock.display().to_string();
-    let out = agent
-        .cmd()
-        .args([
-            "run",
-            "--server",
-            "peer",
-            "--",
-            PROBE,
-            "unix-connect",
-            &sock,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Either the kernel refuses the connect (unix hook), or the agent
-    // answers with a refusal and closes; it never serves the peer.
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // Twice: before and after a kill -9 and re-adoption of the agent (the
+    // unix hook's links are pinned like the others).
+    let mut cmd = agent.cmd();
+    cmd.args([
+        "run",
+        "--server",
+        "peer",
+        "--",
+        PROBE,
+        "unix-connect",
+        &sock,
+        ";",
+    ])
+    .args(["wait-stdin", ";", "unix-connect", &sock, ";", "wait-stdin"]);
+    let mut run = RunClient::spawn(cmd);
+    assert_eq!(run.next_line(), "errno=1", "the kernel refuses the connect");
+    agent.kill9();
+    agent.start();
+    assert_eq!(instances(&agent.status()).len(), 1);
+    assert_eq!(run.step(), "errno=1", "still refused after re-adoption");
+    let w = run.stdin.as_mut().expect("stdin");
+    w.write_all(b"go\n").expect("write");
+    assert_eq!(run.next_line(), "ok");
+    assert_eq!(run.wait(), 0);
+    let ev = agent.wait_events(
+        2,
+        &[
+            ("op", json!("unix_connect")),
+            ("decision", json!("deny")),
+            ("path", json!(sock)),
+        ],
     );
-    let log = agent.log();
-    assert!(
-        stdout.trim() != "ok" || log.contains("refused pid"),
-        "stdout {stdout}\nlog {log}"
-    );
+    assert_eq!(ev[0]["server"], "peer");
+    // The agent never saw a request from the confined process.
+    assert!(!agent.log().contains("refused pid"), "{}", agent.log());
 }
 
 #[test]
@@ -733,9 +738,20 @@ fn per_tool_rights_through_the_agent() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(results.len(), 4, "{results:#?}\n{stderr}\nagent:\n{}", agent.log());
-    assert_eq!(results[0]["text"], "ok", "fetch holds its right: {results:#?}");
-    assert_eq!(results[1]["text"], "errno=1", "compute does not: {results:#?}");
+    assert_eq!(
+        results.len(),
+        4,
+        "{results:#?}\n{stderr}\nagent:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        results[0]["text"], "ok",
+        "fetch holds its right: {results:#?}"
+    );
+    assert_eq!(
+        results[1]["text"], "errno=1",
+        "compute does not: {results:#?}"
+    );
     assert_eq!(results[2]["ok"], false, "{results:#?}");
     assert_eq!(results[3]["text"], "ok", "{results:#?}");
 
@@ -760,7 +776,11 @@ fn per_tool_rights_through_the_agent() {
                 )
             })
             .collect();
-        for want in [("fetch", "ok"), ("compute", "ok"), ("secret_tool", "refused")] {
+        for want in [
+            ("fetch", "ok"),
+            ("compute", "ok"),
+            ("secret_tool", "refused"),
+        ] {
             assert!(
                 outcomes.iter().any(|(t, o)| t == want.0 && o == want.1),
                 "{want:?} missing in {outcomes:?}"
@@ -815,11 +835,21 @@ fn tool_calls_fail_closed_when_the_agent_is_gone() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    assert_eq!(results.len(), 2, "{results:#?}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        results.len(),
+        2,
+        "{results:#?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(results[0]["text"], "ok");
-    assert_eq!(results[1]["ok"], false, "refused without the agent: {results:#?}");
+    assert_eq!(
+        results[1]["ok"], false,
+        "refused without the agent: {results:#?}"
+    );
     assert!(
-        results[1]["error"].as_str().is_some_and(|e| e.contains("agent")),
+        results[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("agent")),
         "{results:#?}"
     );
     drop(l);

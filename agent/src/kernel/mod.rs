@@ -2,7 +2,15 @@
 //! instance's cgroup, and keep the maps (instances, rules) in step with the
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
-use std::{collections::BTreeMap, os::fd::AsFd, path::Path};
+pub mod btf;
+pub mod raw;
+pub mod unix;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -57,6 +65,8 @@ pub enum KernelError {
     Link(#[from] LinkError),
     #[error("{0}")]
     Pin(#[from] pin::PinError),
+    #[error("{0}")]
+    Raw(#[from] raw::RawError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -83,6 +93,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
+    /// bpf_links made by [`raw`] (the unix hooks): closing the fd detaches.
+    raw: Vec<(&'static str, OwnedFd)>,
     pin_dir: Option<std::path::PathBuf>,
     unpin_on_drop: bool,
 }
@@ -90,7 +102,11 @@ pub struct CgroupLinks {
 impl CgroupLinks {
     /// Names of the attached hooks, for `status` and the log.
     pub fn hooks(&self) -> Vec<&'static str> {
-        self.links.iter().map(|(n, _)| *n).collect()
+        self.links
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(self.raw.iter().map(|(n, _)| *n))
+            .collect()
     }
 }
 
@@ -115,6 +131,8 @@ pub struct Kernel {
     bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
+    /// The unix connect/sendmsg programs, when this kernel has them.
+    unix_progs: Vec<raw::RawProgram>,
     caps: Capabilities,
 }
 
@@ -177,8 +195,45 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        // Struct offsets the unix hooks need, from this kernel's BTF.
+        let unix_layout = btf::Btf::from_sys_fs()
+            .map_err(unix::LayoutError::from)
+            .and_then(|b| unix::layout(&b));
+        let mut loader = EbpfLoader::new();
+        if let Ok(l) = &unix_layout {
+            loader
+                .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
+                .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let mut caps = Capabilities::default();
+        let unix_progs = match &unix_layout {
+            Ok(l) => match unix::load(&ebpf, OBJECT) {
+                Ok(p) => {
+                    log::debug!("unix socket hooks loaded (bpf_sock_addr_kern: {l:?})");
+                    p
+                }
+                Err(e) => {
+                    log::error!(
+                        "unix socket hooks NOT enabled: connects and sends to unix sockets \
+                         are not confined on this host: {e}"
+                    );
+                    Vec::new()
+                }
+            },
+            Err(e) => {
+                log::error!(
+                    "unix socket hooks NOT enabled: connects and sends to unix sockets are \
+                     not confined on this host: reading struct bpf_sock_addr_kern from {}: {e}",
+                    btf::VMLINUX
+                );
+                Vec::new()
+            }
+        };
+        for hook in [unix::HOOK_CONNECT, unix::HOOK_SENDMSG] {
+            caps.hooks
+                .insert(hook, unix_progs.iter().any(|p| p.name == hook));
+        }
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -254,6 +309,7 @@ impl Kernel {
             BTreeMap::new(),
             maps,
             tracepoints,
+            unix_progs,
             caps,
         ))
     }
@@ -263,6 +319,7 @@ impl Kernel {
         pinned_programs: BTreeMap<&'static str, Program>,
         maps: Maps,
         tracepoints: Vec<FdLink>,
+        unix_progs: Vec<raw::RawProgram>,
         caps: Capabilities,
     ) -> Self {
         Self {
@@ -277,6 +334,7 @@ impl Kernel {
             bytes: maps.bytes,
             events: Some(maps.events),
             _tracepoints: tracepoints,
+            unix_progs,
             caps,
         }
     }
@@ -341,8 +399,13 @@ impl Kernel {
             let link = p.take_link(id).map_err(prog_err(name))?;
             links.push((name, FdLink::try_from(link)?));
         }
+        let mut raw = Vec::new();
+        for p in &self.unix_progs {
+            raw.push((p.name, p.attach(cgroup)?));
+        }
         Ok(CgroupLinks {
             links,
+            raw,
             pin_dir: None,
             unpin_on_drop: false,
         })

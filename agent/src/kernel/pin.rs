@@ -14,6 +14,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -27,7 +28,93 @@ use aya::{
 };
 use mcp_warden_common::{programs, InstanceState};
 
-use super::{Capabilities, CgroupLinks, Kernel, KernelError, Maps, SOCK_ADDR_PROGRAMS};
+use super::{
+    raw::{self, RawProgram},
+    unix, Capabilities, CgroupLinks, Kernel, KernelError, Maps, SOCK_ADDR_PROGRAMS,
+};
+
+/// The unix hooks, loaded through [`raw`] (aya cannot): pinned and reopened
+/// with BPF_OBJ_PIN / BPF_OBJ_GET directly.
+const RAW_HOOKS: [(&str, u32); 2] = [
+    (unix::HOOK_CONNECT, raw::UNIX_CONNECT),
+    (unix::HOOK_SENDMSG, raw::UNIX_SENDMSG),
+];
+
+/// `union bpf_attr` for BPF_OBJ_PIN / BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+fn path_cstring(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Pin a BPF object fd (program or link) at `path`.
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = path_cstring(path)?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) with a valid attr of the size passed; `c` outlives it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Open the BPF object pinned at `path`.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = path_cstring(path)?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: as in obj_pin; on success the kernel returns a new fd we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+fn raw_pin_err(what: &str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |e| PinError::Open {
+        what,
+        path,
+        reason: format!("BPF_OBJ_PIN: {e}"),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -271,6 +358,11 @@ impl Kernel {
         let progs = root.progs();
         if let Some(ebpf) = &mut k.ebpf {
             for (name, p) in ebpf.programs_mut() {
+                // Programs aya did not load itself (the unix hooks, loaded
+                // through `raw`) are pinned below from their own fds.
+                if p.fd().is_err() {
+                    continue;
+                }
                 let path = progs.join(name);
                 p.pin(&path).map_err(|source| PinError::Pin {
                     what: format!("program {name}"),
@@ -278,6 +370,10 @@ impl Kernel {
                     source,
                 })?;
             }
+        }
+        for p in &k.unix_progs {
+            let path = progs.join(p.name);
+            obj_pin(p.fd.as_fd(), &path).map_err(raw_pin_err(p.name, &path))?;
         }
         let links = root.links();
         let tps = std::mem::take(&mut k._tracepoints);
@@ -336,7 +432,36 @@ impl Kernel {
             let d = MapData::from_pin(&path).map_err(|e| open_err(e.to_string()))?;
             Map::from_map_data(d).map_err(|e| open_err(e.to_string()))
         })?;
-        Ok(Self::assemble(None, progs, maps, tracepoints, caps))
+        let mut unix_progs = Vec::new();
+        for (hook, attach_type) in RAW_HOOKS {
+            let path = root.progs().join(hook);
+            let on = match obj_get(&path) {
+                Ok(fd) => {
+                    unix_progs.push(RawProgram {
+                        name: hook,
+                        attach_type,
+                        fd,
+                    });
+                    true
+                }
+                Err(e) => {
+                    log::error!(
+                        "{hook} NOT enabled: the previous agent pinned no {} ({e})",
+                        path.display()
+                    );
+                    false
+                }
+            };
+            caps.hooks.insert(hook, on);
+        }
+        Ok(Self::assemble(
+            None,
+            progs,
+            maps,
+            tracepoints,
+            unix_progs,
+            caps,
+        ))
     }
 
     /// Pin an instance's freshly attached links, so they outlive the agent.
@@ -359,6 +484,10 @@ impl Kernel {
             pinned.push((name, FdLink::from(p)));
         }
         links.links = pinned;
+        for (name, fd) in &links.raw {
+            let path = dir.join(name);
+            obj_pin(fd.as_fd(), &path).map_err(raw_pin_err(name, &path))?;
+        }
         links.pin_dir = Some(dir);
         Ok(())
     }
@@ -381,8 +510,21 @@ impl Kernel {
                 );
             }
         }
+        let mut raw_links = Vec::new();
+        for (hook, _) in RAW_HOOKS {
+            let path = dir.join(hook);
+            match obj_get(&path) {
+                Ok(fd) => raw_links.push((hook, fd)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::error!(
+                    "instance cgroup {cgroup_id}: reopening {}: {e}",
+                    path.display()
+                ),
+            }
+        }
         Ok(CgroupLinks {
             links,
+            raw: raw_links,
             pin_dir: Some(dir),
             unpin_on_drop: false,
         })

@@ -156,6 +156,9 @@ pub struct McpRules {
     pub approval: Vec<String>,
     /// Seconds to wait for a decision; no decision in time is a denial.
     pub approval_timeout_secs: u64,
+    /// Hold tools to their declared annotations (`openWorldHint: false`:
+    /// no network egress during their calls).
+    pub enforce_annotations: bool,
 }
 
 impl Default for McpRules {
@@ -165,6 +168,7 @@ impl Default for McpRules {
             elicitation: Governance::Allow,
             approval: Vec::new(),
             approval_timeout_secs: 120,
+            enforce_annotations: true,
         }
     }
 }

@@ -393,6 +393,16 @@ impl Cx<'_> {
                         }
                     }
                 }
+                "enforce_annotations" => match v.as_bool() {
+                    Some(b) => mcp.enforce_annotations = b,
+                    None => self.err(
+                        Self::item_span(k, v),
+                        format!(
+                            "`mcp.enforce_annotations` must be true or false, found {}",
+                            type_name(v)
+                        ),
+                    ),
+                },
                 "approval_timeout" => match v.as_integer() {
                     Some(n) if (1..=86_400).contains(&n) => mcp.approval_timeout_secs = n as u64,
                     Some(n) => self.err(
@@ -410,7 +420,7 @@ impl Cx<'_> {
                 _ => self.unknown_key(
                     k,
                     "[mcp]",
-                    "sampling, elicitation, approval, approval_timeout",
+                    "sampling, elicitation, approval, approval_timeout, enforce_annotations",
                 ),
             }
         }
