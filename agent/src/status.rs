@@ -194,3 +194,31 @@ fn print_log(path: &Path, server: Option<&str>) -> i32 {
     }
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn human_status() {
+        let v = json!({
+            "ok": true, "agent_pid": 42, "started": "t", "backend": "fallback",
+            "programs": "adopted", "pin_root": "/sys/fs/bpf/mcp-warden",
+            "policy_dir": "/etc/mcp-warden/policies", "allow_user_policies": false,
+            "hooks": {"mw_connect4": true, "cgroup_unix_connect": false},
+            "instances": [{"instance": "git-1-2", "server": "git", "pid": 7, "uid": 1000,
+                           "policy_source": "file:/etc/mcp-warden/policies/git.toml",
+                           "calls_in_flight": [{"call_id": 3, "tool": "log"}],
+                           "clients_attached": 1}],
+            "counters": {"net/deny": 2}, "events_lost": {"net": 0},
+        });
+        let s = render_status(&v);
+        assert!(s.contains("programs adopted"), "{s}");
+        assert!(s.contains("hooks NOT in force: cgroup_unix_connect"), "{s}");
+        assert!(s.contains("git-1-2  server=git pid=7 uid=1000"), "{s}");
+        assert!(s.contains("calls_in_flight=1"), "{s}");
+        assert!(s.contains("net/deny=2"), "{s}");
+        assert!(s.contains("events lost: net=0"), "{s}");
+    }
+}

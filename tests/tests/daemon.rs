@@ -426,6 +426,28 @@ fn unprivileged_user_runs_through_the_agent() {
     agent.start();
     let port = closed_port();
     let target = format!("127.0.0.1:{port}");
+    // The user follows the live stream while its server runs.
+    let mut follow = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(warden())
+        .env("MCP_WARDEN_SOCKET", &agent.sock)
+        .args(["events", "--follow", "--server", "userprobe"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("events --follow");
+    let follow_out = follow.stdout.take().expect("stdout");
+    let (ftx, frx) = mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(follow_out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&l) {
+                if ftx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
     let run = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(warden())
@@ -451,6 +473,21 @@ fn unprivileged_user_runs_through_the_agent() {
     );
     assert_eq!(stdout.trim(), "errno=1", "stderr {stderr}");
     assert!(stderr.contains("DENY net connect"), "{stderr}");
+
+    // `events --follow` as the same user streamed the denial live.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut streamed = None;
+    while streamed.is_none() && Instant::now() < deadline {
+        if let Ok(v) = frx.recv_timeout(Duration::from_millis(200)) {
+            if v["decision"] == "deny" && v["port"] == port {
+                streamed = Some(v);
+            }
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let streamed = streamed.expect("the denial in `events --follow`");
+    assert_eq!(streamed["uid"], 65534);
 
     // The denial, as `mcp-warden events` prints it.
     agent.wait_events(
