@@ -304,6 +304,11 @@ impl PinRoot {
                 Err(e) => return Err(io_err("mkdir", &d)(e)),
             }
         }
+        // Only root opens the pins (a pinned map fd would let its holder
+        // rewrite the rules).
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", &self.root))?;
         Ok(())
     }
 
