@@ -67,6 +67,23 @@ impl Link {
         c.request_within(req, limit).await
     }
 
+    /// Send `req` on a connection of its own (re-identified by token), so a
+    /// call that waits for a person's approval never holds up the other
+    /// calls' begin and end.
+    async fn request_alone(&self, req: &Request, limit: Duration) -> Result<Value, ControlError> {
+        let mut c = Client::connect(&self.sock).await?;
+        c.request_within(
+            &Request::Attach {
+                instance: self.instance.clone(),
+                token: self.token.clone(),
+                calls: Vec::new(),
+            },
+            REQUEST_LIMIT,
+        )
+        .await?;
+        c.request_within(req, limit).await
+    }
+
     async fn reattach(&self) -> Result<Client, ControlError> {
         let mut c = Client::connect(&self.sock).await?;
         let calls = self.in_flight.lock().map(|v| v.clone()).unwrap_or_default();
@@ -125,11 +142,8 @@ impl RelayHooks for AgentHooks {
         let link = self.link.clone();
         let id = id_value(&call.id);
         let tool = call.tool.clone();
-        let limit = if self.approval.contains(&tool) {
-            self.approval_limit
-        } else {
-            REQUEST_LIMIT
-        };
+        let approval = self.approval.contains(&tool);
+        let limit = self.approval_limit;
         let req = Request::CallBegin {
             call_id: id.clone(),
             tool: tool.clone(),
@@ -138,7 +152,12 @@ impl RelayHooks for AgentHooks {
             task: call.task,
         };
         async move {
-            match link.request_within(&req, limit).await {
+            let r = if approval {
+                link.request_alone(&req, limit).await
+            } else {
+                link.request(&req).await
+            };
+            match r {
                 Ok(_) => {
                     if let Ok(mut v) = link.in_flight.lock() {
                         v.push(CallRef { call_id: id, tool });
