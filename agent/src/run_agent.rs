@@ -342,6 +342,17 @@ async fn follow_events(
                 for s in &mut sinks {
                     let _ = s.write(&rec);
                 }
+                if rec.get("event").and_then(Value::as_str) == Some("approval_requested") {
+                    let g = |k: &str| rec.get(k).cloned().unwrap_or(Value::Null);
+                    eprintln!(
+                        "mcp-warden: tools/call {} (id {}) waits for approval: \
+                         `mcp-warden approve {}` or `mcp-warden deny {}`",
+                        g("tool"),
+                        g("call_id"),
+                        g("approval_id").as_str().unwrap_or("?"),
+                        g("approval_id").as_str().unwrap_or("?"),
+                    );
+                }
                 if rec.get("kind").and_then(Value::as_str) == Some("server")
                     && rec.get("event").and_then(Value::as_str) == Some("exited")
                 {

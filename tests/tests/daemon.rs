@@ -891,3 +891,66 @@ fn tool_calls_fail_closed_when_the_agent_is_gone() {
     );
     drop(l);
 }
+
+/// A tool that needs approval, through the agent: the call waits in the
+/// agent until `mcp-warden approve`, while the client stays responsive.
+#[test]
+fn approval_through_the_agent() {
+    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    let mut agent = Agent::new("approval", false);
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    l.set_nonblocking(true).expect("nonblocking");
+    let port = l.local_addr().expect("addr").port();
+    std::fs::write(
+        agent.policies.join("toolbox.toml"),
+        format!(
+            "version = 1\nserver = \"toolbox\"\n\n[files]\n{}\n\n[tools]\nallow = [\"fetch\"]\n\n\
+             [tools.fetch.network]\nconnect = [\"127.0.0.1:{port}\"]\n\n[mcp]\n\
+             approval = [\"fetch\"]\napproval_timeout = 60\n",
+            python_read_rules()
+        ),
+    )
+    .expect("policy");
+    agent.start();
+    let steps = json!([{"tool": "fetch", "args": {"port": port}}]);
+    let child = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox", "--"])
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("drive.py");
+    let ev = agent.wait_events(1, &[("event", json!("approval_requested"))]);
+    let id = ev[0]["approval_id"]
+        .as_str()
+        .expect("approval id")
+        .to_string();
+    let out = Command::new(warden())
+        .args(["approve", &id])
+        .output()
+        .expect("approve");
+    assert!(out.status.success(), "{out:?}");
+    let out = child.wait_with_output().expect("drive.py");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(results.len(), 1, "{results:#?}\n{stderr}");
+    assert_eq!(results[0]["text"], "ok", "{results:#?}\n{stderr}");
+    assert!(l.accept().is_ok(), "the approved call reached its peer");
+    assert!(
+        stderr.contains(&format!("mcp-warden approve {id}")),
+        "{stderr}"
+    );
+    let decided = agent.wait_events(1, &[("event", json!("approval_decided"))]);
+    assert_eq!(decided[0]["decision"], "approved");
+}
