@@ -40,6 +40,8 @@ struct Agent {
     policies: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Every agent pid started (each publishes an approval socket).
+    pids: Vec<u32>,
 }
 
 impl Agent {
@@ -79,6 +81,7 @@ impl Agent {
             policies,
             child: None,
             starts: 0,
+            pids: Vec::new(),
         }
     }
 
@@ -95,6 +98,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
+        self.pids.push(child.id());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -228,6 +232,9 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir(&parent);
         let _ = std::fs::remove_dir_all(&self.pin_root);
+        for pid in &self.pids {
+            let _ = std::fs::remove_file(format!("/run/mcp-warden/approvals/{pid}.sock"));
+        }
     }
 }
 
