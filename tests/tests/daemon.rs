@@ -961,3 +961,103 @@ fn approval_through_the_agent() {
     let decided = agent.wait_events(1, &[("event", json!("approval_decided"))]);
     assert_eq!(decided[0]["decision"], "approved");
 }
+
+/// Send request lines on one connection, return the response lines.
+fn converse(sock: &std::path::Path, reqs: &[Value]) -> Vec<Value> {
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = BufReader::new(s);
+    let mut out = Vec::new();
+    for q in reqs {
+        writeln!(w, "{q}").expect("send");
+        let mut line = String::new();
+        r.read_line(&mut line).expect("read");
+        out.push(serde_json::from_str(&line).expect("json response"));
+    }
+    out
+}
+
+/// The control socket's own checks: `place` moves only the peer's own
+/// child, and a user can neither act on nor see another user's instance.
+#[test]
+fn control_socket_trust() {
+    let mut agent = Agent::new("trust", false);
+    agent.policy("trust", "127.0.0.1:1");
+    agent.start();
+    let r = converse(
+        &agent.sock,
+        &[json!({"op": "register", "server": "trust", "cmd": ["x"]})],
+    );
+    assert_eq!(r[0]["ok"], true, "{r:?}");
+    let inst = r[0]["instance"].as_str().expect("instance").to_string();
+    let token = r[0]["token"].as_str().expect("token").to_string();
+    // The registering connection is gone: a second one places.
+    let r = converse(
+        &agent.sock,
+        &[
+            json!({"op": "place", "instance": inst, "token": token, "pid": 1}),
+            json!({"op": "place", "instance": inst, "token": "wrong", "pid": 1}),
+            json!({"op": "register", "server": "../trust"}),
+            json!({"op": "register", "server": "nosuch"}),
+        ],
+    );
+    assert!(
+        r[0]["error"]
+            .as_str()
+            .expect("error")
+            .contains("not a child"),
+        "{r:?}"
+    );
+    assert_eq!(r[1]["error"], "wrong token", "{r:?}");
+    assert!(r[2]["error"]
+        .as_str()
+        .expect("e")
+        .contains("invalid server name"));
+    assert!(r[3]["error"]
+        .as_str()
+        .expect("e")
+        .contains("no policy for server"));
+
+    // Another user: cannot attach to root's instance, does not see it.
+    let py = format!(
+        "import socket,json\n\
+         s=socket.socket(socket.AF_UNIX); s.connect({:?}); f=s.makefile('rwb')\n\
+         for q in [{{'op':'attach','instance':{inst:?},'token':{token:?}}},{{'op':'status'}}]:\n\
+         \x20   f.write((json.dumps(q)+'\\n').encode()); f.flush(); print(f.readline().decode().strip())\n",
+        agent.sock.display().to_string()
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &py,
+        ])
+        .output()
+        .expect("python as nobody");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out:?}");
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("belongs to another user")),
+        "{lines:?}"
+    );
+    assert_eq!(lines[1]["instances"], json!([]), "{lines:?}");
+    // Root sees it; the unplaced registration is torn down by its owner.
+    assert_eq!(instances(&agent.status()).len(), 1);
+    let r = converse(
+        &agent.sock,
+        &[
+            json!({"op": "attach", "instance": inst, "token": token}),
+            json!({"op": "finish", "status": 0}),
+        ],
+    );
+    assert_eq!(r[1]["ok"], true, "{r:?}");
+    assert!(instances(&agent.status()).is_empty());
+}
