@@ -568,6 +568,12 @@ impl Agent {
                 .unwrap_or(0);
             if pids == 0 {
                 log::info!("{}: cgroup empty, cleaning up", rec.instance);
+                self.agent_record(json!({
+                    "event": "instance_cleaned",
+                    "instance": rec.instance,
+                    "server": rec.server,
+                    "reason": "its cgroup was empty when the agent started",
+                }));
                 self.host
                     .forget_kernel_instance(rec.cgroup_id, Some(rec.policy_id));
                 let _ = std::fs::remove_dir(&rec.cgroup);

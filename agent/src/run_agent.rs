@@ -536,6 +536,12 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
                 finished = true;
                 break;
             }
+            Err(ControlError::Refused(e)) if e.starts_with("no instance") => {
+                // A restarted agent found the cgroup empty and cleaned up.
+                log::info!("{instance}: already torn down by the agent");
+                finished = true;
+                break;
+            }
             Err(ControlError::Refused(e)) => {
                 log::error!("{instance}: finish refused: {e}");
                 break;

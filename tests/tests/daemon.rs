@@ -338,7 +338,7 @@ fn survives_kill9_and_readopts() {
     let target = format!("127.0.0.1:{port}");
     let mut cmd = agent.cmd();
     cmd.args(["run", "--server", "probe", "--", PROBE]);
-    for _ in 0..4 {
+    for _ in 0..5 {
         cmd.args(["wait-stdin", ";", "tcp-connect", &target, ";"]);
     }
     cmd.arg("wait-stdin");
@@ -399,7 +399,22 @@ fn survives_kill9_and_readopts() {
         ])
         .is_empty());
 
-    // 5. The server ends: the instance is torn down, nothing is left.
+    // 5. A graceful stop (SIGTERM, as systemd does on restart) also leaves
+    //    the server confined, and the next agent re-adopts it.
+    let pid = agent.pid();
+    // SAFETY: kill(2) of the agent this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    if let Some(mut c) = agent.child.take() {
+        let st = c.wait().expect("wait agent");
+        assert!(st.success(), "agent exit on SIGTERM: {st:?}");
+    }
+    assert_eq!(run.step(), "errno=1", "denied after a graceful stop");
+    agent.start();
+    let inst = instances(&agent.status());
+    assert_eq!(inst.len(), 1, "re-adopted after SIGTERM: {inst:#?}");
+    assert_eq!(inst[0]["instance"], json!(name));
+
+    // 6. The server ends: the instance is torn down, nothing is left.
     assert_eq!(run.step(), "errno=1");
     let w = run.stdin.as_mut().expect("stdin");
     w.write_all(b"go\n").expect("write");
