@@ -141,8 +141,8 @@ fn uring_connect(addr: SocketAddr, sqpoll: bool) -> Result<(), i32> {
     Ok(())
 }
 
-fn unix_connect(path: &str) -> Result<(), i32> {
-    let s = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+/// sockaddr_un for `path` (`@name`: abstract) and its length.
+fn sockaddr_un(path: &str) -> Result<(libc::sockaddr_un, u32), i32> {
     // SAFETY: zeroed sockaddr_un is valid.
     let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sun.sun_family = libc::AF_UNIX as u16;
@@ -151,7 +151,8 @@ fn unix_connect(path: &str) -> Result<(), i32> {
         None => (path.as_bytes(), false),
     };
     let off = usize::from(abstract_);
-    if bytes.len() + off >= sun.sun_path.len() {
+    // A pathname may fill all 108 bytes (no NUL); an abstract name 107.
+    if bytes.len() + off > sun.sun_path.len() {
         return Err(libc::ENAMETOOLONG);
     }
     for (i, b) in bytes.iter().enumerate() {
@@ -161,18 +162,72 @@ fn unix_connect(path: &str) -> Result<(), i32> {
     let len = if abstract_ {
         base + 1 + bytes.len()
     } else {
-        base + bytes.len() + 1
+        (base + bytes.len() + 1).min(std::mem::size_of::<libc::sockaddr_un>())
     };
+    Ok((sun, len as u32))
+}
+
+fn unix_connect_type(ty: i32, path: &str) -> Result<(), i32> {
+    let s = socket(libc::AF_UNIX, ty, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
     // SAFETY: valid fd and sockaddr.
     let r = unsafe {
         libc::connect(
             s.as_raw_fd(),
             &sun as *const _ as *const libc::sockaddr,
-            len as u32,
+            len,
         )
     };
     if r < 0 {
         return Err(errno());
+    }
+    Ok(())
+}
+
+fn unix_connect(path: &str) -> Result<(), i32> {
+    unix_connect_type(libc::SOCK_STREAM, path)
+}
+
+/// sendto on an unconnected unix dgram socket.
+fn unix_sendto(path: &str) -> Result<(), i32> {
+    let s = socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
+    let msg = b"mw-probe";
+    // SAFETY: valid fd, buffer and sockaddr.
+    let r = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            &sun as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+fn uring_unix_connect(path: &str) -> Result<(), i32> {
+    let mut ring = io_uring::IoUring::new(8).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let s = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
+    let e = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(s.as_raw_fd()),
+        &sun as *const _ as *const libc::sockaddr,
+        len,
+    )
+    .build()
+    .user_data(7);
+    // SAFETY: sun and s outlive the submission (we wait for completion).
+    unsafe { ring.submission().push(&e) }.map_err(|_| -1)?;
+    ring.submit_and_wait(1)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let cqe: io_uring::cqueue::Entry = ring.completion().next().ok_or(-1)?;
+    if cqe.result() < 0 {
+        return Err(-cqe.result());
     }
     Ok(())
 }
@@ -192,6 +247,10 @@ fn run_op(args: &[String]) -> String {
         "raw6-socket" => socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6).map(drop),
         "packet-socket" => socket(libc::AF_PACKET, libc::SOCK_RAW, 0).map(drop),
         "unix-connect" => unix_connect(&a(1)),
+        "unix-dgram-connect" => unix_connect_type(libc::SOCK_DGRAM, &a(1)),
+        "unix-seqpacket-connect" => unix_connect_type(libc::SOCK_SEQPACKET, &a(1)),
+        "unix-sendto" => unix_sendto(&a(1)),
+        "uring-unix-connect" => uring_unix_connect(&a(1)),
         "fork" => return fork_op(&args[1..]),
         "wait-stdin" => {
             let mut s = String::new();
