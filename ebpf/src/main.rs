@@ -6,6 +6,7 @@
 #![no_main]
 
 mod audit;
+mod bytes;
 mod event;
 mod maps;
 mod net;
