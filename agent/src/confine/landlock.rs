@@ -590,6 +590,18 @@ fn wants_abstract_unix(policy: &Policy) -> bool {
 
 /// Build the ruleset for `policy` and the command at `cmd_path`.
 pub fn prepare(policy: &Policy, cmd_path: &Path) -> Result<PreparedRuleset, LandlockError> {
+    prepare_for(policy, cmd_path, true)
+}
+
+/// As [`prepare`]; with `files == false` (the BPF-LSM backend enforces
+/// files and exec itself, per tool call) the ruleset grants every file
+/// right beneath `/` and keeps only its scopes: Landlock sits before BPF in
+/// the LSM order and would otherwise refuse first, unreported.
+pub fn prepare_for(
+    policy: &Policy,
+    cmd_path: &Path,
+    files: bool,
+) -> Result<PreparedRuleset, LandlockError> {
     let kabi = kernel_abi().map_err(LandlockError::Unavailable)?;
     if kabi < 1 {
         return Err(LandlockError::Unavailable(io::Error::from_raw_os_error(
@@ -631,7 +643,14 @@ pub fn prepare(policy: &Policy, cmd_path: &Path) -> Result<PreparedRuleset, Land
     let mut warnings = std::mem::take(&mut grants.warnings);
     warnings.extend(notes);
     let mut split_dirs = Vec::new();
-    let mut rules = apply_denies(grants.policy, &denies, &mut split_dirs, &mut warnings);
+    let mut rules = if files {
+        apply_denies(grants.policy, &denies, &mut split_dirs, &mut warnings)
+    } else {
+        warnings.push(
+            "files and exec are enforced by BPF-LSM; Landlock grants every file right".into(),
+        );
+        std::iter::once((PathBuf::from("/"), requested_fs)).collect()
+    };
     for (p, a) in grants.always {
         *rules.entry(p).or_insert(BitFlags::EMPTY) |= a;
     }

@@ -97,7 +97,18 @@ impl Prepared {
     /// the capability drop. `cmd_path` is the file that will be executed
     /// (resolved from PATH by the caller).
     pub fn new(policy: &Policy, cmd_path: &Path) -> Result<Prepared, ConfineError> {
-        let ruleset = ll::prepare(policy, cmd_path)?;
+        Self::new_for(policy, cmd_path, true)
+    }
+
+    /// As [`Prepared::new`]; `landlock_files == false` on the BPF-LSM
+    /// backend, which enforces files and exec itself (Landlock keeps only
+    /// its scopes, see `landlock::prepare_for`).
+    pub fn new_for(
+        policy: &Policy,
+        cmd_path: &Path,
+        landlock_files: bool,
+    ) -> Result<Prepared, ConfineError> {
+        let ruleset = ll::prepare_for(policy, cmd_path, landlock_files)?;
         let filter = sc::prepare()?;
         let caps = CapDrop::new()?;
         Ok(Prepared {

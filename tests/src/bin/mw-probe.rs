@@ -232,6 +232,57 @@ fn uring_unix_connect(path: &str) -> Result<(), i32> {
     Ok(())
 }
 
+fn io(r: std::io::Result<()>) -> Result<(), i32> {
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn open_with(path: &str, write: bool, create: bool) -> Result<(), i32> {
+    io(std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map(drop))
+}
+
+/// fork + exec `path` (argv[0] = path), report the exec's own errno, or
+/// ok when the program ran (whatever its exit status).
+fn exec_op(path: &str) -> Result<(), i32> {
+    let c = std::ffi::CString::new(path).map_err(|_| libc::EINVAL)?;
+    let mut fds = [0; 2];
+    // SAFETY: plain syscalls; the child only execs or reports and _exits.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(errno());
+        }
+        match libc::fork() {
+            -1 => Err(errno()),
+            0 => {
+                let argv = [c.as_ptr(), std::ptr::null()];
+                let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                let e = errno();
+                libc::write(fds[1], (&e as *const i32).cast(), 4);
+                libc::_exit(127);
+            }
+            pid => {
+                libc::close(fds[1]);
+                let mut e = 0i32;
+                let n = libc::read(fds[0], (&mut e as *mut i32).cast(), 4);
+                libc::close(fds[0]);
+                let mut st = 0;
+                libc::waitpid(pid, &mut st, 0);
+                if n == 4 {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 fn run_op(args: &[String]) -> String {
     let a = |i: usize| args.get(i).cloned().unwrap_or_default();
     let addr = |i: usize| -> Result<SocketAddr, i32> { a(i).parse().map_err(|_| libc::EINVAL) };
@@ -258,6 +309,25 @@ fn run_op(args: &[String]) -> String {
             Ok(())
         }
         "exit" => std::process::exit(a(1).parse().unwrap_or(1)),
+        "read" => open_with(&a(1), false, false),
+        "write" => open_with(&a(1), true, false),
+        "create" => open_with(&a(1), true, true),
+        "unlink" => io(std::fs::remove_file(a(1))),
+        "mkdir" => io(std::fs::create_dir(a(1))),
+        "rmdir" => io(std::fs::remove_dir(a(1))),
+        "rename" => io(std::fs::rename(a(1), a(2))),
+        "symlink" => io(std::os::unix::fs::symlink(a(1), a(2))),
+        "hardlink" => io(std::fs::hard_link(a(1), a(2))),
+        "truncate" => io(std::fs::OpenOptions::new()
+            .write(true)
+            .open(a(1))
+            .and_then(|f| f.set_len(0))),
+        "chmod" => io(std::fs::set_permissions(
+            a(1),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
+        "exec" => exec_op(&a(1)),
+        "list" => io(std::fs::read_dir(a(1)).map(drop)),
         "daemonize" => return daemonize_op(&a(1), &args[2..]),
         other => return format!("unknown-op={other}"),
     };
