@@ -72,6 +72,8 @@ pub struct Host {
     control: mpsc::Sender<Control>,
     reader: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
     backend: &'static str,
+    /// bpf-lsm with every path mutation hook (false on Linux 6.1).
+    lsm_mutations: bool,
     approvals: crate::approval::Approvals,
     _approval_socket: Option<crate::approval::ServeGuard>,
 }
@@ -81,6 +83,7 @@ impl Host {
     pub fn start(sinks: Sinks) -> Result<Self, HostError> {
         let mut kernel = Kernel::load()?;
         let backend = kernel.backend();
+        let lsm_mutations = kernel.lsm_mutations();
         let metrics = Metrics::new()?;
         for (hook, on) in &kernel.capabilities().hooks {
             metrics
@@ -112,6 +115,7 @@ impl Host {
             control,
             reader: Some(reader),
             backend,
+            lsm_mutations,
             _approval_socket: match approvals.serve() {
                 Ok(g) => Some(g),
                 Err(e) => {
@@ -226,9 +230,17 @@ impl Host {
         let prepared = {
             let policy = policy.clone();
             let cmd_path = cmd_path.clone();
-            let landlock_files = backend != crate::kernel::lsm::BACKEND_LSM;
+            use crate::confine::landlock::FilesBy;
+            let by = match (
+                backend == crate::kernel::lsm::BACKEND_LSM,
+                self.lsm_mutations,
+            ) {
+                (false, _) => FilesBy::Landlock,
+                (true, true) => FilesBy::BpfLsm,
+                (true, false) => FilesBy::BpfLsmExceptMutations,
+            };
             tokio::task::spawn_blocking(move || {
-                crate::confine::Prepared::new_for(&policy, &cmd_path, landlock_files)
+                crate::confine::Prepared::new_for(&policy, &cmd_path, by)
             })
             .await
             .map_err(|e| HostError::Reader(std::io::Error::other(e)))??

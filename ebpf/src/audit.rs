@@ -32,14 +32,11 @@ pub struct Pending {
     flags: u32,
 }
 
-/// Keyed by pid_tgid (the thread). Entries live from enter to exit.
+/// Keyed by pid_tgid (the thread). Entries live from enter to exit. A
+/// BPF-LSM hook that refuses (and reports) removes the thread's entry, so
+/// only refusals nobody reported are audited here.
 #[map(name = "mw_pending")]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
-
-/// Set by the agent when the BPF-LSM backend is in force: its hooks
-/// report their own refusals, so this audit stays quiet (no duplicates).
-#[unsafe(no_mangle)]
-static MW_BACKEND_LSM: u32 = 0;
+pub(crate) static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
 
 const EACCES: i64 = 13;
 const EPERM: i64 = 1;
@@ -155,10 +152,6 @@ pub fn mw_sys_exit(ctx: RawTracePointContext) -> i32 {
     let _ = PENDING.remove(id);
     let ret: i64 = ctx.arg(1);
     if ret != -EACCES && ret != -EPERM && ret != -EXDEV {
-        return 0;
-    }
-    // SAFETY: read of our own read-only global, set at load time.
-    if unsafe { core::ptr::read_volatile(&MW_BACKEND_LSM) } != 0 {
         return 0;
     }
     if let Some((cg, st)) = current_instance() {

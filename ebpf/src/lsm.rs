@@ -14,7 +14,7 @@
 //!
 //! Fail closed: a confined task whose path cannot be built is refused.
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, generated},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
     macros::{lsm, map},
     maps::{lpm_trie::Key, PerCpuArray},
     programs::LsmContext,
@@ -24,6 +24,7 @@ use mcp_warden_common::{
 };
 
 use crate::{
+    audit::PENDING,
     event::emit,
     maps::{current_instance, FILE_RULES},
 };
@@ -176,6 +177,9 @@ fn verdict(
     } else {
         (-EPERM, decision::DENY)
     };
+    if ret != 0 {
+        forget_pending();
+    }
     if !ok || st.flags & flags::EMIT_ALLOWED != 0 {
         emit(k, operation, dec, cg, st, |e| {
             e.errno = if ret != 0 { EPERM as u32 } else { 0 };
@@ -197,6 +201,13 @@ fn verdict(
         });
     }
     ret
+}
+
+/// This refusal is reported here: the syscall-exit audit (audit.rs) must
+/// not report it again.
+#[inline(always)]
+fn forget_pending() {
+    let _ = PENDING.remove(bpf_get_current_pid_tgid());
 }
 
 /// Judge `dir` [/ `dentry`'s name] for `acc`.
@@ -410,6 +421,9 @@ pub fn mw_ptrace_check(ctx: LsmContext) -> i32 {
     }
     let audit = st.flags & flags::AUDIT != 0;
     let ret = if audit { 0 } else { -EPERM };
+    if ret != 0 {
+        forget_pending();
+    }
     let off_tgid = global(&MW_OFF_TASK_TGID);
     // SAFETY: checked kernel read.
     let tgid =

@@ -97,18 +97,17 @@ impl Prepared {
     /// the capability drop. `cmd_path` is the file that will be executed
     /// (resolved from PATH by the caller).
     pub fn new(policy: &Policy, cmd_path: &Path) -> Result<Prepared, ConfineError> {
-        Self::new_for(policy, cmd_path, true)
+        Self::new_for(policy, cmd_path, ll::FilesBy::Landlock)
     }
 
-    /// As [`Prepared::new`]; `landlock_files == false` on the BPF-LSM
-    /// backend, which enforces files and exec itself (Landlock keeps only
-    /// its scopes, see `landlock::prepare_for`).
+    /// As [`Prepared::new`], with the file rights enforced as `by` says
+    /// (the BPF-LSM backend takes them over, see `landlock::FilesBy`).
     pub fn new_for(
         policy: &Policy,
         cmd_path: &Path,
-        landlock_files: bool,
+        by: ll::FilesBy,
     ) -> Result<Prepared, ConfineError> {
-        let ruleset = ll::prepare_for(policy, cmd_path, landlock_files)?;
+        let ruleset = ll::prepare_for(policy, cmd_path, by)?;
         let filter = sc::prepare()?;
         let caps = CapDrop::new()?;
         Ok(Prepared {

@@ -18,8 +18,10 @@ use super::btf::{Btf, BtfError};
 /// Names of the backends, as the Host, events and `status` show them.
 pub const BACKEND_LSM: &str = "bpf-lsm";
 pub const BACKEND_FALLBACK: &str = "fallback";
-/// Global in ebpf/src/audit.rs: 1 quiets the fallback's audit of refusals.
-pub const GLOBAL_BACKEND: &str = "MW_BACKEND_LSM";
+/// Hooks the backend cannot do without; the directory-entry and path
+/// hooks are optional (Linux 6.1 refuses `bpf_d_path` in them: the
+/// launcher's Landlock ruleset then keeps those rights, see host.rs).
+const REQUIRED: [&str; 3] = ["file_open", "bprm_check_security", "ptrace_access_check"];
 
 /// Offsets the LSM programs read, by global name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,23 +74,35 @@ pub fn probe(btf: &aya::Btf) -> Result<(), String> {
     super::raw::probe_lsm(id).map_err(|e| format!("the kernel refused an LSM program: {e}"))
 }
 
-/// Load and attach every LSM hook. All or nothing: on error, the links made
-/// so far are dropped (detached) and the error names the hook.
+/// Load and attach the LSM hooks. The required ones must all attach (or
+/// the error names the one that did not and nothing stays attached); an
+/// optional one that the kernel refuses is logged and left out.
 pub fn attach_all(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<(&'static str, FdLink)>, String> {
     let mut links = Vec::new();
     for (name, hook) in programs::LSM_HOOKS {
-        let p: &mut Lsm = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("{name} missing from the object"))?
-            .try_into()
-            .map_err(|e| format!("{name}: {e}"))?;
-        p.load(hook, btf)
-            .map_err(|e| format!("{name} ({hook}): {}", chain(&e)))?;
-        let id = p
-            .attach()
-            .map_err(|e| format!("{name} ({hook}): {}", chain(&e)))?;
-        let link = p.take_link(id).map_err(|e| format!("{name}: {e}"))?;
-        links.push((hook, FdLink::from(link)));
+        let r = (|| -> Result<FdLink, String> {
+            let p: &mut Lsm = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("{name} missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            p.load(hook, btf)
+                .map_err(|e| format!("{name} ({hook}): {}", chain(&e)))?;
+            let id = p
+                .attach()
+                .map_err(|e| format!("{name} ({hook}): {}", chain(&e)))?;
+            let link = p.take_link(id).map_err(|e| format!("{name}: {e}"))?;
+            Ok(FdLink::from(link))
+        })();
+        match r {
+            Ok(l) => links.push((hook, l)),
+            Err(e) if REQUIRED.contains(&hook) => return Err(e),
+            Err(e) => log::warn!(
+                "BPF-LSM hook {hook} not available on this kernel (its rights stay with \
+                 Landlock): {}",
+                e.lines().next().unwrap_or("")
+            ),
+        }
     }
     Ok(links)
 }

@@ -204,9 +204,7 @@ impl Kernel {
             .map_err(Clone::clone)
             .and_then(lsm::probe)
             .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
-        let lsm_flag = u32::from(lsm_ready.is_ok());
         let mut loader = EbpfLoader::new();
-        loader.override_global(lsm::GLOBAL_BACKEND, &lsm_flag, true);
         if let Ok(o) = &lsm_offsets {
             lsm::set_globals(&mut loader, o);
         }
@@ -393,6 +391,14 @@ impl Kernel {
     /// `bpf-lsm` or `fallback`: which backend enforces files and exec.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// On bpf-lsm: does every path-mutation hook run (Linux 6.1 refuses
+    /// bpf_d_path in them)? When not, Landlock keeps the mutation rights.
+    pub fn lsm_mutations(&self) -> bool {
+        programs::LSM_HOOKS
+            .iter()
+            .all(|(_, h)| self._lsm_links.iter().any(|(l, _)| l == h))
     }
 
     /// Install file/exec entries (BPF-LSM backend); entries of `old` not in
