@@ -759,6 +759,7 @@ impl Agent {
             "policy_text": text,
             "cgroup": cgroup,
             "backend": self.host.backend(),
+            "files_by": control::files_by_name(self.host.files_by()),
         }))
     }
 
@@ -1260,6 +1261,24 @@ impl Handler for Agent {
                     conn.instance = None;
                     self.finish(&name, status).await;
                     control::ok(json!({}))
+                }
+            },
+            Request::ExecPaths { paths } => match self.bound(peer, conn) {
+                Err(m) => control::err(m),
+                Ok(e) => {
+                    let placed = e.meta.lock().map(|m| m.pid.is_some()).unwrap_or(true);
+                    if placed {
+                        control::err("exec paths are set before the server is placed")
+                    } else {
+                        let mut reg = e.reg.lock().await;
+                        match reg.as_mut() {
+                            Some(r) => match self.host.install_files(r, paths) {
+                                Ok(()) => control::ok(json!({})),
+                                Err(err) => control::err(err),
+                            },
+                            None => control::err("the instance is gone"),
+                        }
+                    }
                 }
             },
             Request::Status => self.status(peer),

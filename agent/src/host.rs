@@ -80,6 +80,8 @@ pub struct Host {
     control: mpsc::Sender<Control>,
     reader: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
     backend: &'static str,
+    /// bpf-lsm with every path mutation hook (false on Linux 6.1).
+    lsm_mutations: bool,
     /// Where maps, programs and links are pinned (the daemon); None when
     /// everything ends with the process (standalone `run`, demo).
     pins: Option<PinRoot>,
@@ -125,6 +127,8 @@ impl Host {
             Some(root) => Kernel::load_or_adopt(root)?,
             None => (Kernel::load()?, false),
         };
+        let backend = kernel.backend();
+        let lsm_mutations = kernel.lsm_mutations();
         let metrics = Metrics::new()?;
         for (hook, on) in &kernel.capabilities().hooks {
             metrics
@@ -169,7 +173,8 @@ impl Host {
             next_id: AtomicU32::new(1),
             control,
             reader: Some(reader),
-            backend: "fallback",
+            backend,
+            lsm_mutations,
             pins,
             cgroup_parent: opts.cgroup_parent,
             adopted,
@@ -191,6 +196,42 @@ impl Host {
                 let _ = tx.send(());
             }
         }
+    }
+
+    /// Who enforces file rights in the server process: Landlock alone
+    /// (fallback), or BPF-LSM with Landlock keeping only its scopes (and the
+    /// path mutations where this kernel refuses those LSM hooks).
+    pub fn files_by(&self) -> crate::confine::landlock::FilesBy {
+        use crate::confine::landlock::FilesBy;
+        match (
+            self.backend == crate::kernel::lsm::BACKEND_LSM,
+            self.lsm_mutations,
+        ) {
+            (false, _) => FilesBy::Landlock,
+            (true, true) => FilesBy::BpfLsm,
+            (true, false) => FilesBy::BpfLsmExceptMutations,
+        }
+    }
+
+    /// BPF-LSM: compile and install the instance's file/exec entries, with
+    /// `always` (the command, its resolved path and its interpreters) always
+    /// runnable; in force before the server is placed. Nothing on the
+    /// fallback, where Landlock in the server process holds the file rules.
+    pub fn install_files(
+        &self,
+        reg: &mut Registered,
+        always: Vec<String>,
+    ) -> Result<(), HostError> {
+        reg.exec_always = always;
+        if self.backend != crate::kernel::lsm::BACKEND_LSM {
+            return Ok(());
+        }
+        let policy = reg.session.policy();
+        let files = compile::compile_files(&policy, reg.session.policy_id(), &reg.exec_always)?;
+        let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
+        k.install_files(&files, Some(&reg.files))?;
+        reg.files = files;
+        Ok(())
     }
 
     /// Did this host reopen a previous agent's pinned programs and maps?
@@ -304,6 +345,8 @@ impl Host {
             links: Some(links),
             dns_task: None,
             accountant: Some(accountant),
+            files: Vec::new(),
+            exec_always: Vec::new(),
         };
         self.sessions
             .lock()
@@ -420,6 +463,8 @@ impl Host {
             dns_task: None,
             hooks: Vec::new(),
             accountant: Some(accountant),
+            files: Vec::new(),
+            exec_always: Vec::new(),
         };
         self.install_rules(&mut reg, &policy, policy_id).await?;
         let mut links = {
@@ -467,6 +512,14 @@ impl Host {
             .lock()
             .map_err(|_| HostError::Poisoned)?
             .install_net(&net, None)?;
+        if self.backend == crate::kernel::lsm::BACKEND_LSM && !reg.exec_always.is_empty() {
+            let files = compile::compile_files(policy, policy_id, &reg.exec_always)?;
+            self.kernel
+                .lock()
+                .map_err(|_| HostError::Poisoned)?
+                .install_files(&files, None)?;
+            reg.files = files;
+        }
         if let Some(t) = reg.dns_task.take() {
             t.abort();
         }
@@ -557,14 +610,21 @@ impl Host {
         let prepared = {
             let policy = policy.clone();
             let cmd_path = cmd_path.to_path_buf();
-            tokio::task::spawn_blocking(move || crate::confine::Prepared::new(&policy, &cmd_path))
-                .await
-                .map_err(|e| HostError::Reader(std::io::Error::other(e)))??
+            let by = self.files_by();
+            tokio::task::spawn_blocking(move || {
+                crate::confine::Prepared::new_for(&policy, &cmd_path, by)
+            })
+            .await
+            .map_err(|e| HostError::Reader(std::io::Error::other(e)))??
         };
         let confinement = prepared.report();
         for w in &confinement.landlock.warnings {
             log::warn!("{}: {w}", policy.server);
         }
+        // BPF-LSM: files and exec rules, with the command and its
+        // interpreters always runnable, in force before the fork.
+        let mut reg = reg;
+        self.install_files(&mut reg, exec_always(cmd_path, &confinement))?;
         let procs = reg.cgroup.as_ref().ok_or(HostError::Gone)?.procs_file()?;
         let procs_fd = procs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(cmd_path);
@@ -652,6 +712,7 @@ impl Host {
         let policy_id = reg.session.policy_id();
         {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
+            k.remove_files(&reg.files)?;
             k.remove_policy_entries(policy_id)?;
         }
         reg.session.unregister()?;
@@ -697,6 +758,10 @@ pub struct Registered {
     dns_task: Option<tokio::task::JoinHandle<()>>,
     hooks: Vec<&'static str>,
     accountant: Option<tokio::task::JoinHandle<()>>,
+    /// BPF-LSM file/exec entries of this instance (empty on the fallback).
+    files: Vec<compile::FileEntry>,
+    /// Paths always executable (the command and its interpreters).
+    exec_always: Vec<String>,
 }
 
 impl Registered {
@@ -760,6 +825,26 @@ fn sanitize(s: &str) -> String {
         })
         .take(64)
         .collect()
+}
+
+/// The paths BPF-LSM must always let the server execute: the command as
+/// given, its resolved path, and its interpreters (ELF loader, shebangs).
+pub fn exec_always(
+    cmd_path: &std::path::Path,
+    confinement: &crate::confine::ConfinementReport,
+) -> Vec<String> {
+    let mut always = vec![cmd_path.to_string_lossy().into_owned()];
+    if let Ok(c) = std::fs::canonicalize(cmd_path) {
+        always.push(c.to_string_lossy().into_owned());
+    }
+    always.extend(
+        confinement
+            .landlock
+            .interpreters
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned()),
+    );
+    always
 }
 
 /// Resolve the command like execvp would, to an absolute path. Symlinks are

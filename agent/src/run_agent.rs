@@ -417,18 +417,31 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
     })?;
     pol.source = source;
     let pol = Arc::new(pol);
+    let files_by = crate::control::files_by_from(
+        resp.get("files_by")
+            .and_then(Value::as_str)
+            .unwrap_or("landlock"),
+    );
     let prepared = {
         let pol = pol.clone();
         let cmd_path = cmd_path.clone();
-        tokio::task::spawn_blocking(move || crate::confine::Prepared::new(&pol, &cmd_path))
-            .await
-            .map_err(|e| RunError::Relay(e.to_string()))?
-            .map_err(crate::host::HostError::from)?
+        tokio::task::spawn_blocking(move || {
+            crate::confine::Prepared::new_for(&pol, &cmd_path, files_by)
+        })
+        .await
+        .map_err(|e| RunError::Relay(e.to_string()))?
+        .map_err(crate::host::HostError::from)?
     };
     let report = prepared.report();
     for w in &report.landlock.warnings {
         log::warn!("{}: {w}", pol.server);
     }
+    // BPF-LSM: the command and its interpreters join the instance's file
+    // rules before the child is placed.
+    conn.request(&Request::ExecPaths {
+        paths: crate::host::exec_always(&cmd_path, &report),
+    })
+    .await?;
 
     let link = Arc::new(Link {
         sock: sock.to_path_buf(),

@@ -108,6 +108,10 @@ pub enum Request {
         token: String,
         pid: u32,
     },
+    /// The paths the server may always execute (its command and
+    /// interpreters), sent before the child is placed: on BPF-LSM they
+    /// join the instance's file rules. Bound connection, before `place`.
+    ExecPaths { paths: Vec<String> },
     /// Re-identify an instance after a broken connection (or an agent
     /// restart); `calls` are the calls still in flight, whose rights are put
     /// back in force. Binds the connection to it.
@@ -151,6 +155,27 @@ pub enum Request {
         #[serde(default)]
         instance: Option<String>,
     },
+}
+
+/// `files_by` in the register answer: how the client prepares Landlock.
+pub fn files_by_name(f: crate::confine::landlock::FilesBy) -> &'static str {
+    use crate::confine::landlock::FilesBy;
+    match f {
+        FilesBy::Landlock => "landlock",
+        FilesBy::BpfLsm => "bpf-lsm",
+        FilesBy::BpfLsmExceptMutations => "bpf-lsm-except-mutations",
+    }
+}
+
+/// The inverse of [`files_by_name`]; unknown names keep every file right in
+/// Landlock (the stricter side).
+pub fn files_by_from(s: &str) -> crate::confine::landlock::FilesBy {
+    use crate::confine::landlock::FilesBy;
+    match s {
+        "bpf-lsm" => FilesBy::BpfLsm,
+        "bpf-lsm-except-mutations" => FilesBy::BpfLsmExceptMutations,
+        _ => FilesBy::Landlock,
+    }
 }
 
 /// `{"ok":true, ...fields}`

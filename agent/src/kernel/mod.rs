@@ -3,6 +3,7 @@
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
 pub mod btf;
+pub mod lsm;
 pub mod raw;
 pub mod unix;
 
@@ -22,11 +23,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
-    UnixKey,
+    kind, maps, programs, BytesKey, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule,
+    PathRule, SyscallKey, UnixKey,
 };
 
-use crate::policy::compile::CompiledNet;
+use crate::policy::compile::{CompiledNet, FileEntry};
 
 pub mod pin;
 
@@ -67,6 +68,11 @@ pub enum KernelError {
     Pin(#[from] pin::PinError),
     #[error("{0}")]
     Raw(#[from] raw::RawError),
+    #[error(
+        "the kernel accepts LSM programs but a BPF-LSM hook failed, so the backend is not \
+         claimed: {0}"
+    )]
+    Lsm(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -133,6 +139,9 @@ pub struct Kernel {
     _tracepoints: Vec<FdLink>,
     /// The unix connect/sendmsg programs, when this kernel has them.
     unix_progs: Vec<raw::RawProgram>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
+    backend: &'static str,
+    _lsm_links: Vec<(&'static str, FdLink)>,
     caps: Capabilities,
 }
 
@@ -195,18 +204,53 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        // Struct offsets the unix hooks need, from this kernel's BTF.
-        let unix_layout = btf::Btf::from_sys_fs()
-            .map_err(unix::LayoutError::from)
-            .and_then(|b| unix::layout(&b));
+        // Struct offsets the unix and LSM hooks need, from this kernel's BTF.
+        let kbtf = btf::Btf::from_sys_fs();
+        let unix_layout: Result<unix::SockAddrKernLayout, String> = match &kbtf {
+            Ok(b) => unix::layout(b).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let lsm_offsets: Result<lsm::Offsets, String> = match &kbtf {
+            Ok(b) => lsm::offsets(b).map_err(|e| format!("reading struct offsets: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        // The backend: BPF-LSM where the kernel accepts LSM programs.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let lsm_ready: Result<(), String> = aya_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(lsm::probe)
+            .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
         let mut loader = EbpfLoader::new();
+        if let Ok(o) = &lsm_offsets {
+            lsm::set_globals(&mut loader, o);
+        }
         if let Ok(l) = &unix_layout {
             loader
                 .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
                 .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
+        let (backend, lsm_links) = match (&lsm_ready, &aya_btf) {
+            (Ok(()), Ok(b)) => {
+                let links = lsm::attach_all(&mut ebpf, b).map_err(KernelError::Lsm)?;
+                log::info!(
+                    "backend: bpf-lsm ({} hooks; offsets {:?})",
+                    links.len(),
+                    lsm_offsets.as_ref().map(|o| &o.0)
+                );
+                (lsm::BACKEND_LSM, links)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                log::info!("backend: fallback (BPF-LSM not available: {e})");
+                (lsm::BACKEND_FALLBACK, Vec::new())
+            }
+        };
         let mut caps = Capabilities::default();
+        for (_, hook) in programs::LSM_HOOKS {
+            caps.hooks
+                .insert(hook, lsm_links.iter().any(|(h, _)| *h == hook));
+        }
         let unix_progs = match &unix_layout {
             Ok(l) => match unix::load(&ebpf, OBJECT) {
                 Ok(p) => {
@@ -310,16 +354,21 @@ impl Kernel {
             maps,
             tracepoints,
             unix_progs,
+            backend,
+            lsm_links,
             caps,
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         ebpf: Option<Ebpf>,
         pinned_programs: BTreeMap<&'static str, Program>,
         maps: Maps,
         tracepoints: Vec<FdLink>,
         unix_progs: Vec<raw::RawProgram>,
+        backend: &'static str,
+        lsm_links: Vec<(&'static str, FdLink)>,
         caps: Capabilities,
     ) -> Self {
         Self {
@@ -335,8 +384,53 @@ impl Kernel {
             events: Some(maps.events),
             _tracepoints: tracepoints,
             unix_progs,
+            files: maps.files,
+            backend,
+            _lsm_links: lsm_links,
             caps,
         }
+    }
+
+    /// `bpf-lsm` or `fallback`: which backend enforces files and exec.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// On bpf-lsm: does every path-mutation hook run (Linux 6.1 refuses
+    /// bpf_d_path in them)? When not, Landlock keeps the mutation rights.
+    pub fn lsm_mutations(&self) -> bool {
+        programs::LSM_HOOKS
+            .iter()
+            .all(|(_, h)| self._lsm_links.iter().any(|(l, _)| l == h))
+    }
+
+    /// Install file/exec entries (BPF-LSM backend); entries of `old` not in
+    /// `new` are removed afterwards, so a refresh never opens a gap.
+    pub fn install_files(
+        &mut self,
+        new: &[FileEntry],
+        old: Option<&[FileEntry]>,
+    ) -> Result<(), KernelError> {
+        for (plen, k, v) in new {
+            self.files
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        for (plen, k, _) in old.unwrap_or_default() {
+            if !new.iter().any(|(p, n, _)| p == plen && n == k) {
+                ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                    .map_err(map_err(maps::FILE_RULES))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_files(&mut self, entries: &[FileEntry]) -> Result<(), KernelError> {
+        for (plen, k, _) in entries {
+            ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        Ok(())
     }
 
     fn program_mut(&mut self, name: &'static str) -> Option<&mut Program> {
@@ -571,6 +665,7 @@ struct Maps {
     stats: PerCpuArray<MapData, u64>,
     syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
     bytes: PerCpuHashMap<MapData, BytesKey, u64>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
     events: RingBuf<MapData>,
 }
 
@@ -588,6 +683,7 @@ impl Maps {
             syscalls: PerCpuHashMap::try_from(take(maps::SYSCALLS)?)
                 .map_err(map_err(maps::SYSCALLS))?,
             bytes: PerCpuHashMap::try_from(take(maps::BYTES)?).map_err(map_err(maps::BYTES))?,
+            files: LpmTrie::try_from(take(maps::FILE_RULES)?).map_err(map_err(maps::FILE_RULES))?,
             events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
         })
     }

@@ -391,6 +391,17 @@ impl Kernel {
             })?;
             k._tracepoints.push(FdLink::from(pinned));
         }
+        // BPF-LSM hooks are global links too (none on the fallback).
+        let lsm = std::mem::take(&mut k._lsm_links);
+        for (hook, l) in lsm {
+            let path = links.join(format!("lsm-{hook}"));
+            let pinned = l.pin(&path).map_err(|source| PinError::Pin {
+                what: format!("LSM link {hook}"),
+                path,
+                source,
+            })?;
+            k._lsm_links.push((hook, FdLink::from(pinned)));
+        }
         Ok((k, false))
     }
 
@@ -406,14 +417,34 @@ impl Kernel {
             caps.hooks.insert(name, true);
         }
         let mut tracepoints = Vec::new();
+        let mut lsm_links = Vec::new();
         let links = root.links();
         for e in fs::read_dir(&links)
             .map_err(io_err("readdir", &links))?
             .flatten()
         {
-            let l = PinnedLink::from_pin(e.path())?;
-            tracepoints.push(FdLink::from(l));
+            let name = e.file_name().to_string_lossy().into_owned();
+            let l = FdLink::from(PinnedLink::from_pin(e.path())?);
+            let lsm_hook = name.strip_prefix("lsm-").and_then(|h| {
+                programs::LSM_HOOKS
+                    .iter()
+                    .find(|(_, hook)| *hook == h)
+                    .map(|(_, hook)| *hook)
+            });
+            match lsm_hook {
+                Some(hook) => lsm_links.push((hook, l)),
+                None => tracepoints.push(l),
+            }
         }
+        for (_, hook) in programs::LSM_HOOKS {
+            caps.hooks
+                .insert(hook, lsm_links.iter().any(|(h, _)| *h == hook));
+        }
+        let backend = if lsm_links.is_empty() {
+            super::lsm::BACKEND_FALLBACK
+        } else {
+            super::lsm::BACKEND_LSM
+        };
         // Tracepoint hooks: present when their links are.
         for name in [
             programs::SCHED_EXEC,
@@ -465,6 +496,8 @@ impl Kernel {
             maps,
             tracepoints,
             unix_progs,
+            backend,
+            lsm_links,
             caps,
         ))
     }
@@ -580,6 +613,17 @@ impl Kernel {
         for k in ux {
             super::ignore_missing(self.unix.remove(&k))
                 .map_err(super::map_err(mcp_warden_common::maps::UNIX_RULES))?;
+            n += 1;
+        }
+        let files: Vec<_> = self
+            .files
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().policy_id == pid)
+            .collect();
+        for k in files {
+            super::ignore_missing(self.files.remove(&k))
+                .map_err(super::map_err(mcp_warden_common::maps::FILE_RULES))?;
             n += 1;
         }
         Ok(n)
