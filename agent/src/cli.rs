@@ -38,6 +38,10 @@ struct RunCmd {
     /// Also write the events of this server to FILE (JSON lines).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Standalone only: serve Prometheus /metrics on ADDR while the server
+    /// runs (the end-to-end test; the agent service has its own).
+    #[arg(long, value_name = "ADDR", hide = true)]
+    metrics: Option<std::net::SocketAddr>,
     /// The server command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -52,6 +56,7 @@ pub fn main() -> ExitCode {
             server: r.server,
             events: r.events,
             cmd: r.cmd,
+            metrics: r.metrics,
         }),
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Demo => crate::demo::main(),

@@ -15,6 +15,7 @@ pub mod events;
 pub mod host;
 pub mod kernel;
 pub mod metrics;
+pub mod metrics_http;
 pub mod policy;
 pub mod relay;
 pub mod run;
