@@ -25,6 +25,17 @@ enum Cmd {
     },
     /// Show a confined MCP server trying to exfiltrate, and the denial.
     Demo,
+    /// Rewrite an MCP client's JSON config (Claude Desktop, VS Code,
+    /// Cursor) so each local server runs through `mcp-warden run`.
+    WrapConfig {
+        file: PathBuf,
+        /// Print the change as a unified diff and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The mcp-warden the client should start (default: this binary).
+        #[arg(long, value_name = "PATH")]
+        warden: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +71,11 @@ pub fn main() -> ExitCode {
         }),
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Demo => crate::demo::main(),
+        Cmd::WrapConfig {
+            file,
+            dry_run,
+            warden,
+        } => crate::wrap::main(&file, dry_run, warden),
     };
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }

@@ -20,3 +20,4 @@ pub mod policy;
 pub mod relay;
 pub mod run;
 pub mod session;
+pub mod wrap;
