@@ -41,6 +41,22 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
+/// Every "expr" under `v`.
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x.as_str()) {
+                    ("expr", Some(e)) => out.push(e.to_string()),
+                    _ => collect_exprs(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
+        _ => {}
+    }
+}
+
 /// `/api/v1/query` for `expr`: the result vector.
 fn query(prom: SocketAddr, expr: &str) -> Option<Vec<Value>> {
     let (status, body) = http_get(prom, &format!("/api/v1/query?query={}", urlencode(expr)))?;
@@ -229,6 +245,37 @@ fn prometheus_scrapes_the_violation_and_fires_the_alert() {
         .filter(|a| a["labels"]["alertname"] != "McpWardenViolation")
         .collect();
     assert!(others.is_empty(), "unexpected alerts: {others:?}");
+
+    // Every query of the Grafana dashboard is valid PromQL for this
+    // Prometheus, and the violations-by-tool panel shows the denial.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(packaging("grafana/mcp-warden.json")).expect("read dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard["panels"], &mut exprs);
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let mut violation_panels = 0;
+    for e in &exprs {
+        let q = e
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$instance", ".*")
+            .replace("$server", ".*");
+        let (status, body) = http_get(prom_addr, &format!("/api/v1/query?query={}", urlencode(&q)))
+            .expect("prometheus answers");
+        assert_eq!(status, 200, "dashboard query rejected: {q}\n{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["status"], "success", "{q}: {body}");
+        if e.contains("mcp_warden_violations_total") && e.contains("$__range") {
+            // The stat and the table over the time range count the one denial.
+            let rows = v["data"]["result"].as_array().cloned().unwrap_or_default();
+            assert_eq!(rows.len(), 1, "{q}: {body}");
+            assert_eq!(rows[0]["value"][1], "1", "{q}: {body}");
+            violation_panels += 1;
+        }
+    }
+    assert_eq!(violation_panels, 2, "violation stat and table checked");
 
     // Let the server finish; `run` exits with its status.
     {
