@@ -36,6 +36,12 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         warden: Option<String>,
     },
+    /// Let a tool call that waits for approval run.
+    Approve { id: String },
+    /// Refuse a tool call that waits for approval.
+    Deny { id: String },
+    /// List the tool calls waiting for approval.
+    Approvals,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +82,9 @@ pub fn main() -> ExitCode {
             dry_run,
             warden,
         } => crate::wrap::main(&file, dry_run, warden),
+        Cmd::Approve { id } => crate::approval::cli("approve", Some(&id)),
+        Cmd::Deny { id } => crate::approval::cli("deny", Some(&id)),
+        Cmd::Approvals => crate::approval::cli("list", None),
     };
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }
@@ -86,5 +95,6 @@ fn init_logging() {
     env_logger::Builder::from_env(env)
         .target(env_logger::Target::Stderr)
         .format_target(false)
+        .format_timestamp_millis()
         .init();
 }

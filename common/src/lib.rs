@@ -14,6 +14,7 @@ pub mod maps {
     pub const EVENTS: &str = "mw_events";
     pub const STATS: &str = "mw_stats";
     pub const SYSCALLS: &str = "mw_syscalls";
+    pub const BYTES: &str = "mw_bytes";
 }
 
 /// Program names as they appear in the object file (function names).
@@ -26,9 +27,16 @@ pub mod programs {
     pub const BIND6: &str = "mw_bind6";
     pub const SOCK_CREATE: &str = "mw_sock_create";
     pub const SYS_ENTER: &str = "mw_sys_enter";
+    pub const SYS_EXIT: &str = "mw_sys_exit";
+    pub const SKB_EGRESS: &str = "mw_skb_egress";
+    pub const SKB_INGRESS: &str = "mw_skb_ingress";
     pub const SYS_ENTER_CONNECT: &str = "mw_sys_connect";
     pub const SCHED_EXEC: &str = "mw_sched_exec";
     pub const SCHED_EXIT: &str = "mw_sched_exit";
+    /// Loaded by the agent itself with expected attach type
+    /// BPF_CGROUP_UNIX_CONNECT / UNIX_SENDMSG (aya 0.14 cannot).
+    pub const UNIX_CONNECT: &str = "mw_unix_connect";
+    pub const UNIX_SENDMSG: &str = "mw_unix_sendmsg";
 }
 
 /// Bit 0 of every rule mask: the rule belongs to the server itself and holds
@@ -46,6 +54,10 @@ pub mod flags {
     pub const EMIT_ALLOWED: u32 = 1 << 1;
     /// `on_violation = "kill"`: userspace ends the whole tree on a denial.
     pub const KILL: u32 = 1 << 2;
+    /// Every call in flight is of a tool that declared `openWorldHint:
+    /// false`: network egress (connect, sendmsg) is refused even where the
+    /// rules allow it.
+    pub const CLOSED_WORLD: u32 = 1 << 3;
 }
 
 /// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the
@@ -86,37 +98,6 @@ pub mod op {
     pub const CHMOD: u32 = 15;
     pub const CHOWN: u32 = 16;
 }
-
-/// Syscall tracepoints of the fallback's file/exec audit, as
-/// (program name, tracepoint name) pairs; attached only on the fallback.
-pub const AUDIT_TRACEPOINTS: [(&str, &str); 26] = [
-    ("mw_enter_openat", "sys_enter_openat"),
-    ("mw_exit_openat", "sys_exit_openat"),
-    ("mw_enter_open", "sys_enter_open"),
-    ("mw_exit_open", "sys_exit_open"),
-    ("mw_enter_openat2", "sys_enter_openat2"),
-    ("mw_exit_openat2", "sys_exit_openat2"),
-    ("mw_enter_execve", "sys_enter_execve"),
-    ("mw_exit_execve", "sys_exit_execve"),
-    ("mw_enter_execveat", "sys_enter_execveat"),
-    ("mw_exit_execveat", "sys_exit_execveat"),
-    ("mw_enter_unlinkat", "sys_enter_unlinkat"),
-    ("mw_exit_unlinkat", "sys_exit_unlinkat"),
-    ("mw_enter_mkdirat", "sys_enter_mkdirat"),
-    ("mw_exit_mkdirat", "sys_exit_mkdirat"),
-    ("mw_enter_renameat2", "sys_enter_renameat2"),
-    ("mw_exit_renameat2", "sys_exit_renameat2"),
-    ("mw_enter_linkat", "sys_enter_linkat"),
-    ("mw_exit_linkat", "sys_exit_linkat"),
-    ("mw_enter_symlinkat", "sys_enter_symlinkat"),
-    ("mw_exit_symlinkat", "sys_exit_symlinkat"),
-    ("mw_enter_truncate", "sys_enter_truncate"),
-    ("mw_exit_truncate", "sys_exit_truncate"),
-    ("mw_enter_fchmodat", "sys_enter_fchmodat"),
-    ("mw_exit_fchmodat", "sys_exit_fchmodat"),
-    ("mw_enter_fchownat", "sys_enter_fchownat"),
-    ("mw_exit_fchownat", "sys_exit_fchownat"),
-];
 
 /// Rule key kind: what an address rule grants.
 pub mod rule_kind {
@@ -194,6 +175,8 @@ impl NetRule {
 /// Unix socket paths: LPM over (policy id, path bytes). Abstract names are
 /// stored with their leading NUL as '@'.
 pub const UNIX_PATH_MAX: usize = 108;
+/// Bits of `UnixKey` before the path: the policy id.
+pub const UNIX_KEY_FIXED_BITS: u32 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,7 +195,10 @@ impl Default for UnixKey {
 }
 
 /// Value for path rules: which rule sets grant it, and whether the entry is
-/// a subtree (`/dir/**`) or an exact path.
+/// a subtree (`/dir/**`) or an exact path. Exact entries are keyed with
+/// their terminating NUL (prefix covers `len + 1` path bytes) and lookups
+/// use the zero-padded path, so an exact entry matches only its own path
+/// and never shadows a subtree that contains it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathRule {
@@ -232,8 +218,10 @@ pub mod kind {
     /// Not an event kind: syscall counts the kernel could not record
     /// (counter map full).
     pub const SYSCALL: u32 = 5;
+    /// Not an event kind: byte counts the kernel could not record.
+    pub const BYTES: u32 = 6;
     /// Number of stats slots (index = kind).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Decision carried in events.
@@ -317,6 +305,21 @@ pub struct SyscallKey {
     pub _pad: u32,
 }
 
+/// Key of the per-instance network byte counters (payload bytes, epoch
+/// tagged like the syscall counters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BytesKey {
+    pub cgroup_id: u64,
+    pub epoch: u64,
+    /// `DIR_EGRESS` or `DIR_INGRESS`.
+    pub dir: u32,
+    pub _pad: u32,
+}
+
+pub const DIR_EGRESS: u32 = 0;
+pub const DIR_INGRESS: u32 = 1;
+
 // Layout checks: a change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<InstanceState>() == 32);
 const _: () = assert!(core::mem::size_of::<Net4Key>() == 12);
@@ -327,6 +330,7 @@ const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
 const _: () = assert!(core::mem::size_of::<PathRule>() == 16);
 const _: () = assert!(core::mem::size_of::<Event>() == 80 + 16 + COMM_LEN + EVENT_PATH_LEN);
 const _: () = assert!(core::mem::size_of::<SyscallKey>() == 24);
+const _: () = assert!(core::mem::size_of::<BytesKey>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -341,6 +345,7 @@ mod pod {
     unsafe impl aya::Pod for PathRule {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SyscallKey {}
+    unsafe impl aya::Pod for BytesKey {}
 }
 
 #[cfg(test)]

@@ -1,21 +1,28 @@
 //! Audit of file and exec operations the fallback backend refused.
 //!
 //! On hosts without BPF-LSM, Landlock and seccomp refuse file, exec and
-//! mode changes, but they tell nobody. These tracepoints make every such
-//! refusal of a confined task an event: at syscall entry the path pointer is
-//! stashed per thread; at exit, if the call failed with EACCES, EPERM or
-//! EXDEV, the path is read (the kernel has faulted it in by then) and a
-//! `deny` event is written. They never change an outcome: they only report.
-//! The path is the one the process passed (it may be relative to a dirfd).
+//! mode changes, but they tell nobody. This makes every such refusal of a
+//! confined task an event: at syscall entry (from the sys_enter hook in
+//! syscalls.rs) the path pointer of a watched syscall is stashed per thread;
+//! at exit, if the call failed with EACCES, EPERM or EXDEV, the path is read
+//! (the kernel has faulted it in by then) and a `deny` event is written.
+//! Reporting only: outcomes never change here. The path is the one the
+//! process passed (it may be relative to a dirfd or the working directory).
+//!
+//! Two raw tracepoints (sys_enter, sys_exit) serve every syscall: attaching
+//! one tracepoint per syscall would cost a detach (an RCU grace period)
+//! each at shutdown, and a hook each on the hot path.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::map, macros::tracepoint, maps::HashMap,
-    programs::TracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::{map, raw_tracepoint},
+    maps::HashMap,
+    programs::RawTracePointContext,
 };
-use mcp_warden_common::{decision, kind, op, EVENT_PATH_LEN};
+use mcp_warden_common::{decision, kind, op, InstanceState, EVENT_PATH_LEN};
 
 use crate::{event::emit, maps::current_instance};
 
-/// One syscall in flight on a confined thread.
+/// One watched syscall in flight on a confined thread.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Pending {
@@ -33,60 +40,89 @@ const EACCES: i64 = 13;
 const EPERM: i64 = 1;
 const EXDEV: i64 = 18;
 
-/// Offset of argument `n` in a sys_enter_* record (after the common header
-/// and `__syscall_nr` with its padding).
-const fn arg(n: usize) -> usize {
-    16 + 8 * n
-}
-
-/// Offset of `ret` in a sys_exit_* record.
-const RET: usize = 16;
+/// Which argument carries the path, and which the open flags (`NONE` when
+/// there is none), per watched syscall (x86_64 numbers).
+const NONE: u8 = 0xff;
 
 #[inline(always)]
-fn enter(ctx: &TracePointContext, op: u32, path_arg: usize, flags_arg: Option<usize>) -> u32 {
-    if current_instance().is_none() {
-        return 0;
+fn watched(nr: u64) -> Option<(u32, u8, u8)> {
+    Some(match nr {
+        2 => (op::OPEN, 0, 1),         // open(path, flags)
+        85 => (op::OPEN, 0, NONE),     // creat(path, mode)
+        257 => (op::OPEN, 1, 2),       // openat(dfd, path, flags)
+        437 => (op::OPEN, 1, NONE),    // openat2(dfd, path, how)
+        59 => (op::EXEC, 0, NONE),     // execve(path, ...)
+        322 => (op::EXEC, 1, NONE),    // execveat(dfd, path, ...)
+        87 => (op::UNLINK, 0, NONE),   // unlink(path)
+        84 => (op::UNLINK, 0, NONE),   // rmdir(path)
+        263 => (op::UNLINK, 1, NONE),  // unlinkat(dfd, path, flags)
+        83 => (op::MKDIR, 0, NONE),    // mkdir(path, mode)
+        258 => (op::MKDIR, 1, NONE),   // mkdirat(dfd, path, mode)
+        82 => (op::RENAME, 0, NONE),   // rename(old, new)
+        264 => (op::RENAME, 1, NONE),  // renameat(olddfd, old, ...)
+        316 => (op::RENAME, 1, NONE),  // renameat2(olddfd, old, ...)
+        86 => (op::LINK, 0, NONE),     // link(old, new)
+        265 => (op::LINK, 1, NONE),    // linkat(olddfd, old, ...)
+        88 => (op::SYMLINK, 1, NONE),  // symlink(target, linkpath)
+        266 => (op::SYMLINK, 2, NONE), // symlinkat(target, dfd, linkpath)
+        76 => (op::TRUNCATE, 0, NONE), // truncate(path, len)
+        90 => (op::CHMOD, 0, NONE),    // chmod(path, mode)
+        268 => (op::CHMOD, 1, NONE),   // fchmodat(dfd, path, mode)
+        452 => (op::CHMOD, 1, NONE),   // fchmodat2(dfd, path, mode, flags)
+        92 => (op::CHOWN, 0, NONE),    // chown(path, ...)
+        94 => (op::CHOWN, 0, NONE),    // lchown(path, ...)
+        260 => (op::CHOWN, 1, NONE),   // fchownat(dfd, path, ...)
+        _ => return None,
+    })
+}
+
+/// Syscall argument `n` (0..=2) from the saved user registers.
+#[inline(always)]
+fn sys_arg(regs: *const aya_ebpf::bindings::pt_regs, n: u8) -> u64 {
+    // SAFETY: `regs` is the sys_enter tracepoint's pt_regs pointer; the
+    // checked helper reads kernel memory and fails cleanly.
+    unsafe {
+        let p = match n {
+            0 => core::ptr::addr_of!((*regs).rdi),
+            1 => core::ptr::addr_of!((*regs).rsi),
+            _ => core::ptr::addr_of!((*regs).rdx),
+        };
+        bpf_probe_read_kernel(p).unwrap_or(0)
     }
-    // SAFETY: offsets follow the stable syscall tracepoint layout.
-    let path: u64 = unsafe { ctx.read_at(arg(path_arg)) }.unwrap_or(0);
-    let flags: u64 = match flags_arg {
-        // SAFETY: as above.
-        Some(n) => unsafe { ctx.read_at(arg(n)) }.unwrap_or(0),
-        None => 0,
+}
+
+/// Called from the sys_enter hook for a confined task.
+#[inline(always)]
+pub fn on_enter(ctx: &RawTracePointContext, nr: u64) {
+    let Some((operation, path_arg, flags_arg)) = watched(nr) else {
+        return;
+    };
+    let regs: *const aya_ebpf::bindings::pt_regs = ctx.arg(0);
+    let path = sys_arg(regs, path_arg);
+    let flags = match (nr, flags_arg) {
+        // creat() is open(O_CREAT | O_WRONLY | O_TRUNC).
+        (85, _) => 0o1101,
+        (_, NONE) => 0,
+        (_, n) => sys_arg(regs, n),
     };
     let p = Pending {
         path,
-        op,
+        op: operation,
         flags: flags as u32,
     };
     let _ = PENDING.insert(bpf_get_current_pid_tgid(), p, 0);
-    0
 }
 
 #[inline(always)]
-fn exit(ctx: &TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: copied out of the map before the entry is removed.
-    let Some(p) = (unsafe { PENDING.get(id) }).copied() else {
-        return 0;
-    };
-    let _ = PENDING.remove(id);
-    // SAFETY: stable sys_exit layout.
-    let ret: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(0);
-    if ret != -EACCES && ret != -EPERM && ret != -EXDEV {
-        return 0;
-    }
-    let Some((cg, st)) = current_instance() else {
-        return 0;
-    };
+fn report(p: &Pending, ret: i64, cg: u64, st: &InstanceState) {
     let k = if p.op == op::EXEC {
         kind::EXEC
     } else {
         kind::FILE
     };
-    emit(k, p.op, decision::DENY, cg, &st, |e| {
+    emit(k, p.op, decision::DENY, cg, st, |e| {
         e.errno = (-ret) as u32;
-        // The access mode rides in `protocol` for file events.
+        // The open flags ride in `protocol` for file events.
         e.protocol = p.flags;
         if p.path != 0 {
             let mut buf = [0u8; EVENT_PATH_LEN];
@@ -101,137 +137,23 @@ fn exit(ctx: &TracePointContext) -> u32 {
             }
         }
     });
+}
+
+/// sys_exit(struct pt_regs *regs, long ret)
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn mw_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: copied out of the map before the entry is removed.
+    let Some(p) = (unsafe { PENDING.get(id) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING.remove(id);
+    let ret: i64 = ctx.arg(1);
+    if ret != -EACCES && ret != -EPERM && ret != -EXDEV {
+        return 0;
+    }
+    if let Some((cg, st)) = current_instance() {
+        report(&p, ret, cg, &st);
+    }
     0
 }
-
-macro_rules! audited {
-    ($enter:ident, $exit:ident, $tp_enter:literal, $tp_exit:literal, $op:expr, $path:expr, $flags:expr) => {
-        #[tracepoint(category = "syscalls", name = $tp_enter)]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter(&ctx, $op, $path, $flags)
-        }
-
-        #[tracepoint(category = "syscalls", name = $tp_exit)]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit(&ctx)
-        }
-    };
-}
-
-audited!(
-    mw_enter_openat,
-    mw_exit_openat,
-    "sys_enter_openat",
-    "sys_exit_openat",
-    op::OPEN,
-    1,
-    Some(2)
-);
-audited!(
-    mw_enter_open,
-    mw_exit_open,
-    "sys_enter_open",
-    "sys_exit_open",
-    op::OPEN,
-    0,
-    Some(1)
-);
-audited!(
-    mw_enter_openat2,
-    mw_exit_openat2,
-    "sys_enter_openat2",
-    "sys_exit_openat2",
-    op::OPEN,
-    1,
-    None
-);
-audited!(
-    mw_enter_execve,
-    mw_exit_execve,
-    "sys_enter_execve",
-    "sys_exit_execve",
-    op::EXEC,
-    0,
-    None
-);
-audited!(
-    mw_enter_execveat,
-    mw_exit_execveat,
-    "sys_enter_execveat",
-    "sys_exit_execveat",
-    op::EXEC,
-    1,
-    None
-);
-audited!(
-    mw_enter_unlinkat,
-    mw_exit_unlinkat,
-    "sys_enter_unlinkat",
-    "sys_exit_unlinkat",
-    op::UNLINK,
-    1,
-    None
-);
-audited!(
-    mw_enter_mkdirat,
-    mw_exit_mkdirat,
-    "sys_enter_mkdirat",
-    "sys_exit_mkdirat",
-    op::MKDIR,
-    1,
-    None
-);
-audited!(
-    mw_enter_renameat2,
-    mw_exit_renameat2,
-    "sys_enter_renameat2",
-    "sys_exit_renameat2",
-    op::RENAME,
-    1,
-    None
-);
-audited!(
-    mw_enter_linkat,
-    mw_exit_linkat,
-    "sys_enter_linkat",
-    "sys_exit_linkat",
-    op::LINK,
-    1,
-    None
-);
-audited!(
-    mw_enter_symlinkat,
-    mw_exit_symlinkat,
-    "sys_enter_symlinkat",
-    "sys_exit_symlinkat",
-    op::SYMLINK,
-    2,
-    None
-);
-audited!(
-    mw_enter_truncate,
-    mw_exit_truncate,
-    "sys_enter_truncate",
-    "sys_exit_truncate",
-    op::TRUNCATE,
-    0,
-    None
-);
-audited!(
-    mw_enter_fchmodat,
-    mw_exit_fchmodat,
-    "sys_enter_fchmodat",
-    "sys_exit_fchmodat",
-    op::CHMOD,
-    1,
-    None
-);
-audited!(
-    mw_enter_fchownat,
-    mw_exit_fchownat,
-    "sys_enter_fchownat",
-    "sys_exit_fchownat",
-    op::CHOWN,
-    1,
-    None
-);

@@ -29,6 +29,7 @@ pub fn mw_sys_enter(ctx: RawTracePointContext) -> i32 {
         nr: nr as u32,
         _pad: 0,
     };
+    crate::audit::on_enter(&ctx, nr);
     match SYSCALLS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         Some(p) => unsafe { *p += 1 },
