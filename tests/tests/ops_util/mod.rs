@@ -53,7 +53,9 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
+/// A child process ended and reaped on drop: SIGTERM first (so
+/// `mcp-warden run` tears its instance down and Prometheus closes its
+/// database), SIGKILL after 5 s.
 pub struct Reaped(pub Option<Child>, pub &'static str);
 
 impl Reaped {
@@ -81,10 +83,22 @@ impl Reaped {
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.0.take() else { return };
+        if let Ok(pid) = i32::try_from(c.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
