@@ -204,11 +204,14 @@ fn wrap_entry(name: &str, entry: &CstObject, opts: &Options) -> ServerReport {
     if is_warden(command) && args.first().and_then(Value::as_str) == Some("run") {
         return report(Outcome::AlreadyWrapped, None);
     }
-    let (Some(cmd_prop), Some(cmd_node)) = (
+    let (Some(cmd_prop), Some(cmd_lit)) = (
         entry.get("command"),
-        entry.get("command").and_then(|p| p.value()),
+        entry
+            .get("command")
+            .and_then(|p| p.value())
+            .and_then(|v| v.as_string_lit()),
     ) else {
-        return report(Outcome::Skipped("no \"command\"".into()), None);
+        return report(Outcome::Skipped("no \"command\" string".into()), None);
     };
     let policy = policy_name(name);
     let prefix = [
@@ -252,9 +255,7 @@ fn wrap_entry(name: &str, entry: &CstObject, opts: &Options) -> ServerReport {
             );
         }
     }
-    if let Some(s) = cmd_node.as_string_lit() {
-        s.replace_with(CstInputValue::String(opts.warden.clone()));
-    }
+    cmd_lit.replace_with(CstInputValue::String(opts.warden.clone()));
     let mut notes = Vec::new();
     if policy != name {
         notes.push(format!(
