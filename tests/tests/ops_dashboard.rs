@@ -310,3 +310,50 @@ fn alert_rules_name_only_exported_metrics() {
     }
     assert!(seen >= 6, "alerts.yml names the agent's metrics");
 }
+
+/// The hooks that read 0 by design on the fallback backend: the agent's
+/// BPF-LSM hooks. The alert and the dashboard leave out exactly these.
+#[test]
+fn lsm_hooks_left_out_of_the_unavailable_alert_are_the_agents() {
+    let lsm: BTreeSet<&str> = mcp_warden_common::programs::LSM_HOOKS
+        .iter()
+        .map(|(_, hook)| *hook)
+        .collect();
+    let excluded = |text: &str, what: &str| -> BTreeSet<String> {
+        let (_, rest) = text
+            .split_once("hook!~\"")
+            .unwrap_or_else(|| panic!("{what}: no hook!~ matcher"));
+        let (list, _) = rest.split_once('"').expect("closing quote");
+        list.split('|').map(str::to_string).collect()
+    };
+    let alerts = std::fs::read_to_string(packaging("prometheus/alerts.yml")).expect("alerts");
+    let rule = alerts
+        .split("- alert: ")
+        .find(|r| r.starts_with("McpWardenEnforcementUnavailable"))
+        .expect("the rule");
+    let ex = excluded(rule, "alerts.yml");
+    assert_eq!(
+        ex.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        lsm,
+        "alerts.yml"
+    );
+    let d: Value = serde_json::from_str(
+        &std::fs::read_to_string(packaging("grafana/mcp-warden.json")).expect("dashboard"),
+    )
+    .expect("json");
+    let stat = d["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .find(|p| p["title"] == "Required hooks unavailable")
+        .expect("the stat");
+    let ex = excluded(
+        stat["targets"][0]["expr"].as_str().expect("expr"),
+        "dashboard",
+    );
+    assert_eq!(
+        ex.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        lsm,
+        "dashboard"
+    );
+}

@@ -267,6 +267,10 @@ fn prometheus_scrapes_the_violation_and_fires_the_alert() {
         assert_eq!(status, 200, "dashboard query rejected: {q}\n{body}");
         let v: Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["status"], "success", "{q}: {body}");
+        if e.contains("hook!~") {
+            // Every hook both backends need is in force on this host.
+            assert_eq!(v["data"]["result"][0]["value"][1], "0", "{q}: {body}");
+        }
         if e.contains("mcp_warden_violations_total") && e.contains("$__range") {
             // The stat and the table over the time range count the one denial.
             let rows = v["data"]["result"].as_array().cloned().unwrap_or_default();
