@@ -12,7 +12,10 @@
 pub mod annotations;
 pub mod approval;
 pub mod cli;
+pub mod config;
 pub mod confine;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod dns;
 pub mod events;
@@ -23,5 +26,7 @@ pub mod metrics_http;
 pub mod policy;
 pub mod relay;
 pub mod run;
+pub mod run_agent;
 pub mod session;
+pub mod status;
 pub mod wrap;
