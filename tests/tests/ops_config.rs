@@ -25,41 +25,44 @@ fn uncommented() -> String {
 
 #[test]
 fn shipped_config_is_all_defaults() {
-    let shipped = std::fs::read_to_string(packaging("agent.toml")).expect("read");
+    let path = packaging("agent.toml");
+    let shipped = std::fs::read_to_string(&path).expect("read");
     let as_is: toml::Table = shipped.parse().expect("agent.toml is TOML");
     assert!(
         as_is.is_empty(),
         "every setting is commented out: {as_is:?}"
     );
 
-    let t: toml::Table = uncommented()
-        .parse()
-        .expect("uncommented agent.toml is TOML");
+    // Uncommented, every line is a real key (the agent refuses unknown
+    // ones) holding the agent's default.
+    let text = uncommented();
+    let t: toml::Table = text.parse().expect("uncommented agent.toml is TOML");
     assert!(t.len() >= 8, "{t:?}");
-    let s = |k: &str| {
-        t.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or_else(|| panic!("{k} missing in agent.toml"))
-            .to_string()
-    };
+    let cfg = mcp_warden::config::Config::parse(&text, &path)
+        .unwrap_or_else(|e| panic!("the agent rejects its example config: {e}"));
+    assert_eq!(cfg, mcp_warden::config::Config::default());
     assert_eq!(
-        s("metrics_listen"),
-        mcp_warden::metrics_http::DEFAULT_METRICS_ADDR.to_string()
+        cfg.audit_log,
+        std::path::Path::new(mcp_warden::run::DEFAULT_AUDIT_LOG)
     );
-    assert_eq!(s("audit_log"), mcp_warden::run::DEFAULT_AUDIT_LOG);
-    assert_eq!(s("policy_dir"), mcp_warden::wrap::POLICY_DIR);
-    assert_eq!(s("socket"), "/run/mcp-warden/agent.sock");
-    assert_eq!(s("pin_root"), "/sys/fs/bpf/mcp-warden");
     assert_eq!(
-        t.get("allow_user_policies").and_then(|v| v.as_bool()),
-        Some(false)
+        cfg.policy_dir,
+        std::path::Path::new(mcp_warden::wrap::POLICY_DIR)
     );
 
     // The unit's writable paths hold what the config says is written.
     let unit = std::fs::read_to_string(packaging("systemd/mcp-warden.service")).expect("unit");
-    assert!(s("socket").starts_with("/run/mcp-warden/"));
+    let rw: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ReadWritePaths="))
+        .expect("ReadWritePaths=")
+        .split_whitespace()
+        .collect();
+    assert!(cfg.socket.starts_with("/run/mcp-warden"));
+    assert!(cfg.state_dir.starts_with("/run/mcp-warden"));
     assert!(unit.contains("RuntimeDirectory=mcp-warden"));
-    assert!(s("audit_log").starts_with("/var/log/mcp-warden/"));
+    assert!(cfg.audit_log.starts_with("/var/log/mcp-warden"));
     assert!(unit.contains("LogsDirectory=mcp-warden"));
-    assert!(s("pin_root").starts_with("/sys/fs/bpf/"));
+    assert!(rw.iter().any(|p| cfg.pin_root.starts_with(p)), "{rw:?}");
+    assert!(rw.contains(&"/sys/fs/cgroup"), "{rw:?}");
 }

@@ -92,6 +92,8 @@ fn prometheus_scrapes_the_violation_and_fires_the_alert() {
     let mut warden_run = Reaped(
         Some(
             Command::new(warden())
+                // Standalone, even if an agent runs on this machine.
+                .env("MCP_WARDEN_SOCKET", dir.path().join("no-agent.sock"))
                 .arg("run")
                 .arg("--policy")
                 .arg(&policy)
