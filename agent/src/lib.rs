@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod run;
+pub mod serve_http;
 pub mod session;

@@ -20,6 +20,8 @@ pub struct RunArgs {
     pub policy: Option<PathBuf>,
     pub server: Option<String>,
     pub events: Option<PathBuf>,
+    /// `--listen ADDR --upstream URL`: relay HTTP instead of stdio.
+    pub http: Option<crate::serve_http::HttpArgs>,
     pub cmd: Vec<OsString>,
 }
 
@@ -141,7 +143,10 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
     let inst = host
         .launch(policy.clone(), &args.cmd, instance_info(&policy))
         .await?;
-    let code = serve_stdio(&host, inst).await?;
+    let code = match &args.http {
+        Some(http) => crate::serve_http::serve(&host, inst, http).await?,
+        None => serve_stdio(&host, inst).await?,
+    };
     host.shutdown().await?;
     Ok(code)
 }
@@ -221,7 +226,7 @@ async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
     Ok(code)
 }
 
-fn exit_code(st: std::process::ExitStatus) -> i32 {
+pub(crate) fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => c,
