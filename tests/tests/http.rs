@@ -457,21 +457,21 @@ fn client_leaving_mid_call_withdraws_the_tools_rights() {
     );
     wait_listening(&Listen::Tcp(listen));
     // slow may connect to the target, but only while its call is in flight:
-    // the client gives up after 300 ms; the tool connects at 1.5 s.
+    // the client process dies 300 ms into the call (no cancellation sent,
+    // its connections just close); the tool goes on and connects at 1.5 s.
     let results = drive(
         &format!("http://127.0.0.1:{listen}/mcp"),
         None,
         "legacy",
-        &json!([
-            {"tool": "slow", "args": {"seconds": 1.5, "port": port}, "abandon_after_ms": 300},
-            {"sleep_ms": 2500},
-        ]),
+        &json!([{"tool": "slow", "args": {"seconds": 1.5, "port": port}, "exit_after_ms": 300}]),
     );
+    std::thread::sleep(Duration::from_millis(2500));
     let run = served.stop();
-    assert_eq!(results[0]["abandoned"], true, "{results:#?}");
+    assert_eq!(results[0]["exited"], true, "{results:#?}");
     let calls = run.events_where(&[("kind", json!("tool_call")), ("tool", json!("slow"))]);
     assert_eq!(calls.len(), 1, "{:#?}", run.events);
     assert_eq!(calls[0]["outcome"], "cancelled", "{calls:#?}");
+    assert_eq!(calls[0]["reason"], "the client went away", "{calls:#?}");
     let denials = run.events_where(&[
         ("kind", json!("net")),
         ("decision", json!("deny")),

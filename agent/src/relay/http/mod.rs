@@ -149,6 +149,9 @@ struct HttpState {
     /// 2024-11-05 transport: requests answered 202 whose results come on the
     /// session's SSE stream, by session key.
     detached: HashMap<String, Vec<RequestId>>,
+    /// 2024-11-05 transport: the session's SSE stream by session key, to
+    /// carry the relay's own answers (the POST itself is only acknowledged).
+    legacy_streams: HashMap<String, tokio::sync::mpsc::Sender<bytes::Bytes>>,
     http: HttpStats,
 }
 

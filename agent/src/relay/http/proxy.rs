@@ -181,18 +181,14 @@ async fn post<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Re
         &msgs,
         bytes.len() as u64,
     );
+    let key = legacy_key(&parts.uri.to_string());
     if plan.unusable_call {
         let reason = "tools/call without a usable request id";
-        return refuse(
-            &inner,
-            &msgs,
-            &plan.calls,
-            plan.why.as_deref().unwrap_or(reason),
-            batch,
-        );
+        let why = plan.why.as_deref().unwrap_or(reason);
+        return refuse(&inner, &msgs, &plan.calls, why, batch, key.as_deref());
     }
     if let Some(why) = plan.why {
-        return refuse(&inner, &msgs, &plan.calls, &why, batch);
+        return refuse(&inner, &msgs, &plan.calls, &why, batch, key.as_deref());
     }
 
     let session = header_str(&parts.headers, SESSION_HEADER).map(str::to_owned);
@@ -238,7 +234,7 @@ async fn post<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Re
     }
     if let Some(reason) = failed {
         guard.finish(Outcome::Refused, "batch refused").await;
-        return refuse(&inner, &msgs, &plan.calls, &reason, batch);
+        return refuse(&inner, &msgs, &plan.calls, &reason, batch, key.as_deref());
     }
 
     // Cancellations end calls before the notification goes on; requests
@@ -267,7 +263,6 @@ async fn post<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Re
         st.core.stats.bytes_c2s += bytes.len() as u64;
     }
 
-    let key = legacy_key(&parts.uri.to_string());
     let up = Request::from_parts(parts, up_full(bytes));
     let resp = match send(&inner, up).await {
         Ok(r) => r,
@@ -296,13 +291,17 @@ fn copy_or<'a>(copy: &'a Option<Vec<u8>>, bytes: &'a [u8]) -> &'a [u8] {
 }
 
 /// Answer a refused body ourselves (HTTP 200 with the JSON-RPC error, as a
-/// server would answer a failed call), never forwarding it.
+/// server would answer a failed call), never forwarding it. On the
+/// 2024-11-05 transport (`legacy`: the session key of the POST) answers go
+/// on the session's SSE stream, as an event of the relay's own between the
+/// server's events, and the POST gets 202.
 fn refuse<H: RelayHooks>(
     inner: &Inner<H>,
     msgs: &[Rpc<'_>],
     calls: &[crate::relay::CallStart],
     reason: &str,
     batch: bool,
+    legacy: Option<&str>,
 ) -> Response<RelayBody> {
     let (reason, body) = refusal_reply(&inner.policy, msgs, reason, batch);
     for call in calls {
@@ -313,9 +312,21 @@ fn refuse<H: RelayHooks>(
         "http relay: refused request(s) for server {:?}: {reason}",
         inner.policy.server
     );
-    match body {
-        Some(b) => json_response(StatusCode::OK, &b),
-        None => plain(StatusCode::BAD_REQUEST, "mcp-warden: refused\n"),
+    let stream = legacy.and_then(|k| inner.lock().legacy_streams.get(k).cloned());
+    match (body, stream) {
+        (Some(b), Some(tx)) => {
+            let event = format!("event: message\r\ndata: {b}\r\n\r\n");
+            if tx.try_send(Bytes::from(event)).is_err() {
+                log::warn!(
+                    "http relay: the session's SSE stream is gone or full; refusal not delivered"
+                );
+            }
+            let mut r = Response::new(RelayBody::empty());
+            *r.status_mut() = StatusCode::ACCEPTED;
+            r
+        }
+        (Some(b), None) => json_response(StatusCode::OK, &b),
+        (None, _) => plain(StatusCode::BAD_REQUEST, "mcp-warden: refused\n"),
     }
 }
 
@@ -551,11 +562,31 @@ async fn pump<H: RelayHooks>(
     let mut sse = SseReader::new(limit);
     let mut events = Vec::new();
     let mut legacy: Option<String> = None;
+    // The relay's own events for this (2024-11-05) stream, written only
+    // between the server's events.
+    let mut inject: Option<tokio::sync::mpsc::Receiver<Bytes>> = None;
+    let mut injected: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     let mut forwarded: u64 = 0;
     let end = 'read: loop {
+        if sse.at_boundary() {
+            while let Some(ev) = injected.pop_front() {
+                if tx.send(Ok(hyper::body::Frame::data(ev))).await.is_err() {
+                    break 'read End::ClientGone;
+                }
+            }
+        }
         let frame = tokio::select! {
             f = body.frame() => f,
             () = tx.closed() => break End::ClientGone,
+            Some(ev) = async {
+                match &mut inject {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                injected.push_back(ev);
+                continue;
+            }
         };
         let frame = match frame {
             None => break End::Done,
@@ -611,6 +642,9 @@ async fn pump<H: RelayHooks>(
                             .as_slice()
                             .and_then(|d| legacy_key(&String::from_utf8_lossy(d)))
                         {
+                            let (itx, irx) = tokio::sync::mpsc::channel(64);
+                            inner.lock().legacy_streams.insert(k.clone(), itx);
+                            inject = Some(irx);
                             legacy = Some(k);
                         }
                     } else {
@@ -669,6 +703,7 @@ async fn pump<H: RelayHooks>(
         // answered any more.
         let ends = {
             let mut st = inner.lock();
+            st.legacy_streams.remove(&k);
             let ids = st.detached.remove(&k).unwrap_or_default();
             let mut ends = Vec::new();
             for id in ids {

@@ -45,6 +45,8 @@ pub struct SseReader {
     after_cr: bool,
     /// Reading the field name (before the colon).
     in_name: bool,
+    /// Some line of the current event was read (it is not yet dispatched).
+    in_event: bool,
     name: Vec<u8>,
     field: Field,
     /// Just after the colon: one space is skipped.
@@ -63,6 +65,7 @@ impl SseReader {
             line_start: true,
             after_cr: false,
             in_name: false,
+            in_event: false,
             name: Vec::new(),
             field: Field::Skip,
             after_colon: false,
@@ -93,6 +96,7 @@ impl SseReader {
             }
             if self.line_start {
                 self.line_start = false;
+                self.in_event = true;
                 self.name.clear();
                 self.value.clear();
                 if c == b':' {
@@ -177,7 +181,14 @@ impl SseReader {
         self.line_start = true;
     }
 
+    /// Between events: bytes written to the client now can't land inside
+    /// an event (the relay's own events go in only here).
+    pub fn at_boundary(&self) -> bool {
+        self.line_start && !self.in_event
+    }
+
     fn dispatch(&mut self, at: usize, out: &mut Vec<Event>) {
+        self.in_event = false;
         let data = std::mem::replace(&mut self.data, Message::new(self.limit));
         let kind = String::from_utf8_lossy(&std::mem::take(&mut self.kind)).into_owned();
         // An event without data is not dispatched (ids and priming events
@@ -243,6 +254,24 @@ data:x\ndata: y\n\nretry: 10\rdata\r\rdata:  two spaces\n\n";
         let got = read(b"id: abc\ndata: \n\nid: z\n\n", 4);
         assert_eq!(got.len(), 1);
         assert!(got[0].2.is_empty());
+    }
+
+    #[test]
+    fn boundaries_are_between_events_only() {
+        let mut r = SseReader::new(100);
+        let mut evs = Vec::new();
+        assert!(r.at_boundary());
+        for (piece, boundary) in [
+            (&b"event: message\n"[..], false),
+            (b"data: {}", false),
+            (b"\n", false),
+            (b"\n", true),
+            (b": ping\n", false),
+            (b"\n", true),
+        ] {
+            r.feed(piece, &mut evs);
+            assert_eq!(r.at_boundary(), boundary, "after {piece:?}");
+        }
     }
 
     #[test]
