@@ -186,17 +186,15 @@ fn assert_nothing_tracked(run: &Run) {
 }
 
 /// The per-tool scenario of tests/tests/per_tool.rs, through the HTTP relay.
-fn per_tool_suite(tag: &str, listen: Listen, mode: &str, transport: &str) {
+fn per_tool_suite(tag: &str, listen: Listen, mode: &str, transport: &str, extra: &[&str]) {
     let target = TcpListener::bind("127.0.0.1:0").expect("target listener");
     let port = target.local_addr().expect("addr").port();
     let up = free_port();
     let sc = Scenario::new(tag, &policy(up, port));
-    let served = Served::start(
-        sc,
-        &listen.arg(),
-        &format!("http://127.0.0.1:{up}"),
-        &[transport, "--port", &up.to_string()],
-    );
+    let up_s = up.to_string();
+    let mut args = vec![transport, "--port", &up_s];
+    args.extend_from_slice(extra);
+    let served = Served::start(sc, &listen.arg(), &format!("http://127.0.0.1:{up}"), &args);
     wait_listening(&listen);
     let steps = json!([
         {"tool": "fetch", "args": {"port": port}},
@@ -274,6 +272,7 @@ fn streamable_http_over_tcp_2025_11_25() {
         Listen::Tcp(free_port()),
         "legacy",
         "streamable-http",
+        &[],
     );
 }
 
@@ -281,7 +280,13 @@ fn streamable_http_over_tcp_2025_11_25() {
 fn streamable_http_over_unix_socket_2025_11_25() {
     let dir = mcp_warden_tests::TempDir::new("http-uds-sock");
     let sock = dir.path().join("relay.sock");
-    per_tool_suite("http-uds", Listen::Unix(sock), "legacy", "streamable-http");
+    per_tool_suite(
+        "http-uds",
+        Listen::Unix(sock),
+        "legacy",
+        "streamable-http",
+        &[],
+    );
 }
 
 #[test]
@@ -291,6 +296,7 @@ fn streamable_http_over_tcp_2026_07_28() {
         Listen::Tcp(free_port()),
         "2026-07-28",
         "streamable-http",
+        &[],
     );
 }
 
@@ -303,12 +309,24 @@ fn streamable_http_over_unix_socket_2026_07_28() {
         Listen::Unix(sock),
         "2026-07-28",
         "streamable-http",
+        &[],
+    );
+}
+
+#[test]
+fn streamable_http_json_responses() {
+    per_tool_suite(
+        "http-json",
+        Listen::Tcp(free_port()),
+        "legacy",
+        "streamable-http",
+        &["--json"],
     );
 }
 
 #[test]
 fn deprecated_http_sse_transport_is_attributed() {
-    per_tool_suite("http-sse", Listen::Tcp(free_port()), "legacy", "sse");
+    per_tool_suite("http-sse", Listen::Tcp(free_port()), "legacy", "sse", &[]);
 }
 
 /// Send one raw HTTP/1.1 request, return (status, body).
@@ -350,7 +368,7 @@ fn origin_and_routing_headers_are_checked_before_forwarding() {
     wait_listening(&Listen::Tcp(listen));
     let call = |name: &str| {
         json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
-            "name": name, "arguments": {},
+            "name": name, "arguments": {"port": 9},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                       "io.modelcontextprotocol/clientCapabilities": {}}}})
         .to_string()
