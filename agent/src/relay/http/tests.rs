@@ -276,10 +276,7 @@ async fn large_json_result_passes_intact_and_ends_its_call() {
     // De-chunk.
     let mut rest = &out[body_start..];
     let mut got = Vec::new();
-    loop {
-        let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
         let n =
             usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap_or("0"), 16).unwrap_or(0);
         if n == 0 {
