@@ -16,12 +16,13 @@ use super::body::{up_full, up_stream, BoxError, FrameTx, RelayBody, UpBody};
 use super::message::Message;
 use super::sse::SseReader;
 use super::{origin_allowed, Inner, Owner, Upstream};
+use crate::policy::model::Governance;
 use crate::relay::calls::{CallEnd, Outcome};
 use crate::relay::jsonrpc::{
     classify, lenient_copy, Classified, Message as Rpc, Request as RpcRequest, RequestId,
 };
 use crate::relay::stdio::{
-    c2s_note, classify_copy, plan_calls, refusal_reply, s2c_messages, S2cEffects,
+    c2s_note, classify_copy, governance_reply, plan_calls, refusal_reply, s2c_messages, S2cEffects,
 };
 use crate::relay::RelayHooks;
 
@@ -263,6 +264,7 @@ async fn post<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Re
         st.core.stats.bytes_c2s += bytes.len() as u64;
     }
 
+    let reply_to = ReplyTo::of(&parts);
     let up = Request::from_parts(parts, up_full(bytes));
     let resp = match send(&inner, up).await {
         Ok(r) => r,
@@ -283,7 +285,7 @@ async fn post<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Re
             guard.detach(&key);
         }
     }
-    respond(inner, resp, guard)
+    respond(inner, resp, guard, reply_to)
 }
 
 fn copy_or<'a>(copy: &'a Option<Vec<u8>>, bytes: &'a [u8]) -> &'a [u8] {
@@ -410,6 +412,7 @@ async fn delete<H: RelayHooks>(
 ) -> Response<RelayBody> {
     let session = header_str(req.headers(), SESSION_HEADER).map(str::to_owned);
     let (parts, body) = req.into_parts();
+    let reply_to = ReplyTo::of(&parts);
     let resp = match send(&inner, Request::from_parts(parts, up_stream(body))).await {
         Ok(r) => r,
         Err(e) => {
@@ -446,13 +449,14 @@ async fn delete<H: RelayHooks>(
         };
         inner.end_calls(&ends).await;
     }
-    respond(inner.clone(), resp, CallGuard::new(inner))
+    respond(inner.clone(), resp, CallGuard::new(inner), reply_to)
 }
 
 async fn other<H: RelayHooks>(inner: Arc<Inner<H>>, req: Request<Incoming>) -> Response<RelayBody> {
     let (parts, body) = req.into_parts();
+    let reply_to = ReplyTo::of(&parts);
     match send(&inner, Request::from_parts(parts, up_stream(body))).await {
-        Ok(r) => respond(inner.clone(), r, CallGuard::new(inner)),
+        Ok(r) => respond(inner.clone(), r, CallGuard::new(inner), reply_to),
         Err(e) => {
             inner.count(|s| s.upstream_errors += 1);
             log::warn!("http relay: upstream {}: {e}", inner.upstream);
@@ -523,6 +527,7 @@ fn respond<H: RelayHooks>(
     inner: Arc<Inner<H>>,
     resp: Response<Incoming>,
     guard: CallGuard<H>,
+    reply_to: ReplyTo,
 ) -> Response<RelayBody> {
     let (parts, body) = resp.into_parts();
     let ct = header_str(&parts.headers, CONTENT_TYPE.as_str()).map(|s| {
@@ -538,7 +543,7 @@ fn respond<H: RelayHooks>(
         _ => Kind::Opaque,
     };
     let (tx, rx) = RelayBody::channel(inner.opts.queue_frames);
-    tokio::spawn(pump(inner, body, kind, guard, tx));
+    tokio::spawn(pump(inner, body, kind, guard, tx, reply_to));
     Response::from_parts(parts, rx)
 }
 
@@ -555,6 +560,7 @@ async fn pump<H: RelayHooks>(
     kind: Kind,
     mut guard: CallGuard<H>,
     tx: FrameTx,
+    reply_to: ReplyTo,
 ) {
     let limit = inner.opts.parse_limit;
     let mut json = Message::new(limit);
@@ -562,6 +568,10 @@ async fn pump<H: RelayHooks>(
     let mut sse = SseReader::new(limit);
     let mut events = Vec::new();
     let mut legacy: Option<String> = None;
+    // SSE: the bytes of the event being read (see below).
+    let mut held = BytesMut::new();
+    let mut streaming_event = false;
+    let mut reply_to = reply_to;
     // The relay's own events for this (2024-11-05) stream, written only
     // between the server's events.
     let mut inject: Option<tokio::sync::mpsc::Receiver<Bytes>> = None;
@@ -635,34 +645,74 @@ async fn pump<H: RelayHooks>(
                 let mut from = 0;
                 for ev in events.drain(..) {
                     inner.count(|s| s.sse_events += 1);
-                    if ev.kind == "endpoint" {
-                        // 2024-11-05: the session's message endpoint.
-                        if let Some(k) = ev
-                            .data
-                            .as_slice()
-                            .and_then(|d| legacy_key(&String::from_utf8_lossy(d)))
-                        {
-                            let (itx, irx) = tokio::sync::mpsc::channel(64);
-                            inner.lock().legacy_streams.insert(k.clone(), itx);
-                            inject = Some(irx);
-                            legacy = Some(k);
-                        }
-                    } else {
-                        // Everything before the dispatching byte may go now;
-                        // the byte itself only once the message is judged.
-                        if !send_data(&tx, data.slice(from..ev.at), &mut forwarded).await {
+                    // The event's bytes up to its dispatching byte: held
+                    // (unless the event outgrew the parse limit and is
+                    // streaming), so a refused server request never reaches
+                    // the client, not even in part.
+                    let part = data.slice(from..ev.at);
+                    if streaming_event {
+                        if !send_data(&tx, part, &mut forwarded).await {
                             break 'read End::ClientGone;
                         }
-                        from = ev.at;
-                        judge(&inner, &ev.data).await;
+                    } else {
+                        held.extend_from_slice(&part);
                     }
-                    if !send_data(&tx, data.slice(from..=ev.at), &mut forwarded).await {
-                        break 'read End::ClientGone;
+                    from = ev.at;
+                    let refused = if ev.kind == "endpoint" {
+                        // 2024-11-05: the session's message endpoint.
+                        if let Some(d) = ev.data.as_slice() {
+                            let uri = String::from_utf8_lossy(d).into_owned();
+                            if let Some(k) = legacy_key(&uri) {
+                                let (itx, irx) = tokio::sync::mpsc::channel(64);
+                                inner.lock().legacy_streams.insert(k.clone(), itx);
+                                inject = Some(irx);
+                                legacy = Some(k);
+                                reply_to.path = uri;
+                                reply_to.session = None;
+                            }
+                        }
+                        None
+                    } else {
+                        judge(&inner, &ev.data).await
+                    };
+                    match refused {
+                        Some(reply) if !streaming_event => {
+                            held.clear();
+                            from = ev.at + 1;
+                            answer_server(&inner, &reply_to, reply);
+                        }
+                        other => {
+                            if other.is_some() {
+                                log::warn!(
+                                    "http relay: a refused server request over the parse limit \
+                                     was already streaming to the client"
+                                );
+                            }
+                            let head = held.split().freeze();
+                            if !send_data(&tx, head, &mut forwarded).await
+                                || !send_data(&tx, data.slice(from..=ev.at), &mut forwarded).await
+                            {
+                                break 'read End::ClientGone;
+                            }
+                            from = ev.at + 1;
+                        }
                     }
-                    from = ev.at + 1;
+                    streaming_event = false;
                 }
-                if !send_data(&tx, data.slice(from..), &mut forwarded).await {
-                    break End::ClientGone;
+                let rest = data.slice(from..);
+                if streaming_event {
+                    if !send_data(&tx, rest, &mut forwarded).await {
+                        break End::ClientGone;
+                    }
+                } else {
+                    held.extend_from_slice(&rest);
+                    let over = held.len() > limit;
+                    if sse.at_boundary() || over {
+                        streaming_event = over && !sse.at_boundary();
+                        if !send_data(&tx, held.split().freeze(), &mut forwarded).await {
+                            break End::ClientGone;
+                        }
+                    }
                 }
             }
         }
@@ -675,6 +725,9 @@ async fn pump<H: RelayHooks>(
             }
             if !carry.is_empty() {
                 let _ = tx.send(Ok(hyper::body::Frame::data(carry.freeze()))).await;
+            }
+            if !held.is_empty() {
+                let _ = tx.send(Ok(hyper::body::Frame::data(held.freeze()))).await;
             }
             guard
                 .finish(
@@ -737,7 +790,9 @@ async fn send_data(tx: &FrameTx, data: Bytes, forwarded: &mut u64) -> bool {
 
 /// Read one server message (a JSON body or an SSE event's data): end the
 /// calls it answers, awaiting their end hooks, report handshake and tool list.
-async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) {
+/// Returns the answer to send the server instead, when the message is a
+/// server request the policy's `[mcp]` section denies (it is then withheld).
+async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> {
     let fx = match msg.as_slice() {
         Some(bytes) if !bytes.is_empty() => {
             let copy;
@@ -753,12 +808,12 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) {
                 Classified::Batch(ms) => ms,
                 Classified::NotMcp => {
                     inner.lock().core.stats.unparsed_s2c += 1;
-                    return;
+                    return None;
                 }
             };
             let mut st = inner.lock();
             st.core.stats.lines_s2c += 1;
-            let fx = s2c_messages(&mut st.core, &msgs, bytes.len());
+            let fx = s2c_messages(&mut st.core, &inner.policy, &msgs, bytes.len());
             for m in &msgs {
                 if let Rpc::Response { id: Some(id), .. } = m {
                     if !st.core.tracker.contains(id) && !st.core.pending.contains_key(id) {
@@ -768,7 +823,7 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) {
             }
             fx
         }
-        Some(_) => return,
+        Some(_) => return None,
         None => {
             // Over the parse limit: scanned as it streamed.
             let mut st = inner.lock();
@@ -802,6 +857,77 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) {
     if let Some(t) = &fx.tools {
         inner.hooks.tools_listed(t);
     }
+    for (_, method, g) in &fx.governed {
+        inner.hooks.server_request(method, *g);
+    }
+    if fx.governed.iter().any(|(_, _, g)| *g == Governance::Deny) {
+        inner.lock().core.stats.refused += 1;
+        return Some(governance_reply(&inner.policy, &fx.request_ids));
+    }
+    None
+}
+
+/// Where a response stream's server requests are answered: the path and
+/// session of the request that opened it (or, on the 2024-11-05 transport,
+/// the session's message endpoint).
+#[derive(Clone, Debug)]
+struct ReplyTo {
+    path: String,
+    session: Option<HeaderValue>,
+    version: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+}
+
+impl ReplyTo {
+    fn of(parts: &hyper::http::request::Parts) -> Self {
+        ReplyTo {
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            session: parts.headers.get(SESSION_HEADER).cloned(),
+            version: parts.headers.get(VERSION_HEADER).cloned(),
+            host: parts.headers.get(hyper::header::HOST).cloned(),
+        }
+    }
+}
+
+/// POST the relay's own answer to a refused server request to the server
+/// (in the background: the stream goes on meanwhile).
+fn answer_server<H: RelayHooks>(inner: &Arc<Inner<H>>, to: &ReplyTo, reply: Value) {
+    let mut req = Request::new(up_full(Bytes::from(reply.to_string())));
+    *req.method_mut() = Method::POST;
+    match to.path.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => {
+            log::warn!("http relay: can't answer the server at {:?}: {e}", to.path);
+            return;
+        }
+    }
+    let h = req.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        hyper::header::ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    for (name, v) in [
+        (SESSION_HEADER, &to.session),
+        (VERSION_HEADER, &to.version),
+        ("host", &to.host),
+    ] {
+        if let Some(v) = v {
+            h.insert(name, v.clone());
+        }
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        match send(&inner, req).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => log::warn!("http relay: answering a refused server request: {e}"),
+        }
+    });
 }
 
 /// The requests one response stream answers. What is still in flight when

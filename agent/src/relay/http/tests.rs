@@ -28,6 +28,7 @@ fn policy() -> Arc<Policy> {
         tools_allow: Some(vec!["ok_tool".into()]),
         tools: Vec::new(),
         source: "test".into(),
+        mcp: Default::default(),
     })
 }
 
