@@ -536,3 +536,47 @@ fn upstream_binding_outside_network_bind_fails_to_start() {
         run.events
     );
 }
+
+/// `[mcp] sampling` over HTTP: a denied server request (in an SSE event of
+/// the call's response stream) never reaches the client; the relay answers
+/// the server itself. Allowed, it passes; both are recorded.
+#[test]
+fn server_requests_are_governed_over_http() {
+    for (mode, decision, text) in [
+        ("deny", "deny", "sampling failed:"),
+        ("allow", "allow", "model said: forty-two"),
+    ] {
+        let up = free_port();
+        let listen = free_port();
+        let policy = format!(
+            "version = 1\nserver = \"toolbox-http\"\n\n[files]\n{}\n\n[network]\nbind = [\"127.0.0.1:{up}\"]\n\n\
+             [tools]\nallow = [\"ask_model\"]\n\n[mcp]\nsampling = \"{mode}\"\n",
+            python_read_rules()
+        );
+        let sc = Scenario::new("http-sampling", &policy);
+        let served = Served::start(
+            sc,
+            &format!("127.0.0.1:{listen}"),
+            &format!("http://127.0.0.1:{up}"),
+            &["streamable-http", "--port", &up.to_string()],
+        );
+        wait_listening(&Listen::Tcp(listen));
+        let results = drive(
+            &format!("http://127.0.0.1:{listen}/mcp"),
+            None,
+            "legacy",
+            &json!([{"tool": "ask_model", "args": {"question": "the answer?"}}]),
+        );
+        let run = served.stop();
+        let got = results[0]["text"].as_str().unwrap_or("");
+        assert!(got.starts_with(text), "{mode}: {results:#?} {run:#?}");
+        if mode == "deny" {
+            assert!(got.contains("denied by the policy"), "{got}");
+        }
+        let ev = run.events_where(&[("event", json!("server_request"))]);
+        assert_eq!(ev.len(), 1, "{:#?}", run.events);
+        assert_eq!(ev[0]["decision"], decision);
+        assert_eq!(ev[0]["tool"], "ask_model");
+        assert_nothing_tracked(&run);
+    }
+}
