@@ -1,6 +1,6 @@
 //! One JSON-RPC message (or batch) read from an HTTP body or an SSE event as
-//! it streams past: a copy up to the parse limit for the classifier, and a
-//! [`LineScan`] over all of it so a message over the limit still ends its
+//! it streams past: a copy up to the parse limit for the classifier and, once
+//! it is over the limit, a [`LineScan`] over all of it so it still ends its
 //! call (a server can't keep a tool's rights by padding its answer).
 use crate::relay::jsonrpc::LineScan;
 
@@ -9,7 +9,9 @@ pub struct Message {
     limit: usize,
     /// `None` once the message outgrew the limit.
     copy: Option<Vec<u8>>,
+    /// Fed only once the message is over the limit.
     scan: LineScan,
+    bytes: u64,
 }
 
 impl Message {
@@ -18,23 +20,28 @@ impl Message {
             limit,
             copy: Some(Vec::new()),
             scan: LineScan::new(),
+            bytes: 0,
         }
     }
 
     pub fn push(&mut self, data: &[u8]) {
-        self.scan.push(data);
-        if let Some(c) = &mut self.copy {
-            if c.len() + data.len() > self.limit {
+        self.bytes += data.len() as u64;
+        match &mut self.copy {
+            Some(c) if c.len() + data.len() <= self.limit => c.extend_from_slice(data),
+            Some(c) => {
+                // Outgrew the limit: the scan starts from what the copy held
+                // (the scan is per byte, so it only runs when needed).
+                self.scan.push(c);
+                self.scan.push(data);
                 self.copy = None;
-            } else {
-                c.extend_from_slice(data);
             }
+            None => self.scan.push(data),
         }
     }
 
     /// Bytes pushed so far.
     pub fn bytes(&self) -> u64 {
-        self.scan.bytes()
+        self.bytes
     }
 
     /// The whole message, when it is within the parse limit.

@@ -155,10 +155,14 @@ async fn post(addr: SocketAddr, body: &str, extra: &str) -> TcpStream {
 async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut searched: usize = 0;
     loop {
-        if out.windows(needle.len()).any(|w| w == needle) {
+        // Only the new bytes (and a needle's length before them) are searched.
+        let from = searched.saturating_sub(needle.len());
+        if out[from..].windows(needle.len()).any(|w| w == needle) {
             return out;
         }
+        searched = out.len();
         match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
