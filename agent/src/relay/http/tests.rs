@@ -402,3 +402,100 @@ async fn a_slow_reader_holds_the_upstream_back() {
     drop(s);
     assert!(settle(&r).await.is_empty());
 }
+
+#[tokio::test]
+async fn resumption_passes_through_and_a_resumed_result_still_arrives() {
+    // 2025-11-25: the server closes the POST's stream after a priming event;
+    // the client resumes with GET + Last-Event-ID and gets the result there.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let (up, _) = upstream(Arc::new(move |req| {
+        let (tx, body) = RelayBody::channel(4);
+        let last = req
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let session = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        s2.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+            "{} {:?} {session}",
+            req.method(),
+            last
+        ));
+        let resumed = last.is_some();
+        tokio::spawn(async move {
+            let ev = if resumed {
+                format!("id: 2\ndata: {}\n\n", result(4, "late"))
+            } else {
+                "id: 1\ndata: \n\n".to_owned()
+            };
+            let _ = tx.send(Ok(Frame::data(Bytes::from(ev)))).await;
+        });
+        ("text/event-stream", body)
+    }))
+    .await;
+    let (addr, r, log) = relay(up, Duration::ZERO).await;
+    let mut s = post(addr, &call(4, "ok_tool"), "Mcp-Session-Id: s-1\r\n").await;
+    let first = read_until(&mut s, b"0\r\n\r\n").await;
+    assert!(String::from_utf8_lossy(&first).contains("id: 1"));
+    // The stream ended without the result: the call's rights are gone.
+    assert!(settle(&r).await.is_empty(), "{:?}", r.tracked());
+    let mut g = TcpStream::connect(addr).await.expect("connect");
+    g.write_all(
+        format!(
+            "GET /mcp HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+             Mcp-Session-Id: s-1\r\nLast-Event-ID: 1\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("send");
+    let out = read_until(&mut g, b"late").await;
+    assert!(String::from_utf8_lossy(&out).contains("late"));
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(seen, vec!["POST None s-1", "GET Some(\"1\") s-1"]);
+    let l = log_of(&log);
+    assert_eq!(l.len(), 2, "{l:?}");
+    assert!(l[1].starts_with("end 4 error"), "{l:?}");
+    assert!(settle(&r).await.is_empty());
+}
+
+#[tokio::test]
+async fn delete_ends_the_sessions_calls() {
+    let (up, _) = upstream(Arc::new(|req| {
+        let (tx, body) = RelayBody::channel(4);
+        if req.method() == hyper::Method::DELETE {
+            drop(tx);
+            return ("text/plain", body);
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(tx);
+        });
+        ("text/event-stream", body)
+    }))
+    .await;
+    let (addr, r, log) = relay(up, Duration::ZERO).await;
+    let _s = post(addr, &call(6, "ok_tool"), "Mcp-Session-Id: s-9\r\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.tracked().calls, 1);
+    let mut d = TcpStream::connect(addr).await.expect("connect");
+    d.write_all(
+        format!("DELETE /mcp HTTP/1.1\r\nHost: {addr}\r\nMcp-Session-Id: s-9\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    let out = read_until(&mut d, b"0\r\n\r\n").await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(r.tracked().calls, 0);
+    assert_eq!(log_of(&log)[1], "end 6 cancelled session deleted");
+}
