@@ -580,3 +580,50 @@ fn server_requests_are_governed_over_http() {
         assert_nothing_tracked(&run);
     }
 }
+
+/// The server's own endpoint on a unix socket (in a directory its policy
+/// lets it write), the relay on TCP: same rights, same attribution.
+#[test]
+fn upstream_on_a_unix_socket() {
+    let target = TcpListener::bind("127.0.0.1:0").expect("target listener");
+    let port = target.local_addr().expect("addr").port();
+    let dir = mcp_warden_tests::TempDir::new("http-upsock");
+    let sock = dir.path().join("server.sock");
+    let listen = free_port();
+    let policy = policy(1, port).replace(
+        "[network]",
+        &format!("write = [\"{}/**\"]\n\n[network]", dir.path().display()),
+    );
+    let sc = Scenario::new("http-upsock", &policy);
+    let sock_s = sock.display().to_string();
+    let served = Served::start(
+        sc,
+        &format!("127.0.0.1:{listen}"),
+        &format!("unix:{sock_s}"),
+        &["streamable-http", "--uds", &sock_s],
+    );
+    wait_listening(&Listen::Tcp(listen));
+    let results = drive(
+        &format!("http://127.0.0.1:{listen}/mcp"),
+        None,
+        "legacy",
+        &json!([
+            {"tool": "fetch", "args": {"port": port}},
+            {"tool": "compute", "args": {"port": port}},
+            {"tool": "secret_tool", "args": {}},
+        ]),
+    );
+    let run = served.stop();
+    assert_eq!(results.len(), 3, "{results:#?} {run:#?}");
+    assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert_eq!(results[1]["text"], "errno=1", "{results:#?}");
+    assert_eq!(results[2]["ok"], false, "{results:#?}");
+    let denials = run.events_where(&[
+        ("kind", json!("net")),
+        ("decision", json!("deny")),
+        ("port", json!(port)),
+    ]);
+    assert_eq!(denials.len(), 1, "{:#?}", run.events);
+    assert_eq!(denials[0]["tool"], "compute");
+    assert_nothing_tracked(&run);
+}
