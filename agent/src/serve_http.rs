@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use std::sync::Arc;
+
 use crate::{
     host::{Host, Instance},
+    policy::model::Policy,
     relay::http::{HttpOptions, HttpRelay, Listen, Listener, Upstream},
+    relay::RelayHooks,
     run::RunError,
 };
 
@@ -106,4 +110,96 @@ pub async fn serve(host: &Host, mut inst: Instance, args: &HttpArgs) -> Result<i
     }
     host.finish(inst, code).await?;
     Ok(code)
+}
+
+/// How `mcp-warden run` relays for its server: stdio, or HTTP. Used by the
+/// agent-client path ([`crate::run_agent`]), which has its own hooks.
+pub enum Relayed {
+    Stdio(tokio::task::JoinHandle<Result<crate::relay::RelayStats, crate::relay::RelayError>>),
+    Http(HttpTask),
+}
+
+impl Relayed {
+    /// Start relaying: HTTP when `http` is set (the server's stdout is then
+    /// passed through to ours and its stdin held open), stdio otherwise.
+    pub async fn start<H: RelayHooks>(
+        http: Option<&HttpArgs>,
+        policy: Arc<Policy>,
+        hooks: Arc<H>,
+        child_in: tokio::process::ChildStdin,
+        child_out: tokio::process::ChildStdout,
+    ) -> Result<Self, RunError> {
+        let Some(http) = http else {
+            return Ok(Relayed::Stdio(tokio::spawn(crate::relay::relay(
+                tokio::io::stdin(),
+                tokio::io::stdout(),
+                child_in,
+                child_out,
+                policy,
+                hooks,
+            ))));
+        };
+        let listener = Listener::bind(&http.listen)
+            .await
+            .map_err(|e| RunError::Relay(e.to_string()))?;
+        log::info!(
+            "relaying MCP over HTTP from {} to {}",
+            http.listen,
+            http.upstream
+        );
+        let mut out = child_out;
+        let out = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut out, &mut tokio::io::stdout()).await;
+        });
+        let relay = HttpRelay::new(policy, hooks, http.upstream.clone(), HttpOptions::default());
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            relay
+                .serve(listener, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        Ok(Relayed::Http(HttpTask {
+            stop,
+            task,
+            _child_in: child_in,
+            out,
+        }))
+    }
+
+    /// The server is gone: let the relay finish (stdio: flush and end the
+    /// calls in flight; HTTP: stop listening and end them).
+    pub async fn finish(self) {
+        match self {
+            Relayed::Stdio(relay) => {
+                match tokio::time::timeout(Duration::from_secs(5), relay).await {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(e))) => log::warn!("relay: {e}"),
+                    Ok(Err(e)) => log::warn!("relay task: {e}"),
+                    Err(_) => log::warn!("relay did not finish within 5 s after the server exited"),
+                }
+            }
+            Relayed::Http(h) => {
+                let _ = h.stop.send(());
+                match tokio::time::timeout(Duration::from_secs(5), h.task).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => log::warn!("http relay: {e}"),
+                    Ok(Err(e)) => log::warn!("http relay task: {e}"),
+                    Err(_) => {
+                        log::warn!("http relay did not stop within 5 s after the server exited")
+                    }
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), h.out).await;
+            }
+        }
+    }
+}
+
+/// A running HTTP relay of the agent-client path.
+pub struct HttpTask {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), crate::relay::http::HttpError>>,
+    _child_in: tokio::process::ChildStdin,
+    out: tokio::task::JoinHandle<()>,
 }
