@@ -388,6 +388,17 @@ fn check_headers(h: &HeaderMap, msgs: &[Rpc<'_>], batch: bool, body: &[u8]) -> R
     Ok(())
 }
 
+/// [`check_headers`] on a raw body, for tests.
+#[cfg(test)]
+pub(super) fn check_headers_for_test(h: &HeaderMap, body: &[u8]) -> Result<(), String> {
+    let (msgs, batch) = match classify(body) {
+        Classified::Single(m) => (vec![m], false),
+        Classified::Batch(ms) => (ms, true),
+        Classified::NotMcp => (Vec::new(), false),
+    };
+    check_headers(h, &msgs, batch, body)
+}
+
 /// An `Mcp-Name` value: verbatim, or `=?base64?...?=` around UTF-8 (how the
 /// 2026-07-28 transport carries values a header can't). `None` when
 /// malformed, so it never matches.

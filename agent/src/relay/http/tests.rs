@@ -499,3 +499,63 @@ async fn delete_ends_the_sessions_calls() {
     assert_eq!(r.tracked().calls, 0);
     assert_eq!(log_of(&log)[1], "end 6 cancelled session deleted");
 }
+
+#[tokio::test]
+async fn a_batch_with_a_refused_call_is_refused_whole() {
+    let (up, hits) = upstream(Arc::new(|_req| ("application/json", RelayBody::full("[]")))).await;
+    let (addr, r, log) = relay(up, Duration::ZERO).await;
+    let body = format!("[{},{}]", call(1, "ok_tool"), call(2, "secret"));
+    let mut s = post(addr, &body, "").await;
+    let out = read_until(&mut s, b"\"}]").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let json = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{text}");
+    assert!(json.contains("batch refused"), "{json}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    assert_eq!(log_of(&log), vec!["refused 1", "refused 2"]);
+    assert!(settle(&r).await.is_empty());
+}
+
+#[test]
+fn routing_headers_must_match_the_body() {
+    use super::proxy::check_headers_for_test as check;
+    let body =
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"r\u00e9sum\u00e9"}}"#;
+    let h = |pairs: &[(&str, &str)]| {
+        let mut m = hyper::HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        m
+    };
+    // No routing headers, handshake-era version: nothing to check.
+    assert!(check(&h(&[("mcp-protocol-version", "2025-11-25")]), body).is_ok());
+    // Matching, the name in its base64 form (non-ASCII).
+    assert!(check(
+        &h(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "=?base64?csOpc3Vtw6k=?=")
+        ]),
+        body
+    )
+    .is_ok());
+    for bad in [
+        h(&[
+            ("mcp-method", "tools/list"),
+            ("mcp-name", "=?base64?csOpc3Vtw6k=?="),
+        ]),
+        h(&[("mcp-method", "tools/call"), ("mcp-name", "other")]),
+        h(&[("mcp-method", "tools/call")]),
+        h(&[("mcp-method", "tools/call"), ("mcp-name", "=?base64?!!?=")]),
+        h(&[("mcp-protocol-version", "2026-07-28")]),
+    ] {
+        assert!(check(&bad, body).is_err(), "{bad:?}");
+    }
+    let batch = format!("[{}]", String::from_utf8_lossy(body));
+    assert!(check(&h(&[("mcp-method", "tools/call")]), batch.as_bytes()).is_err());
+}
