@@ -192,7 +192,7 @@ async fn refused_tool_is_answered_by_the_relay_and_never_forwarded() {
     .await;
     let (addr, r, log) = relay(up, Duration::ZERO).await;
     let mut s = post(addr, &call(1, "secret"), "").await;
-    let out = read_until(&mut s, b"}}}").await;
+    let out = read_until(&mut s, b"\"2.0\"}").await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
