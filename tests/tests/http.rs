@@ -54,10 +54,23 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-/// `mcp-warden run --listen` serving the SDK server, running in the background.
+/// `mcp-warden run --listen` serving the SDK server, running in the
+/// background. Dropped without `stop` (a failed assertion), it is ended.
 struct Served {
-    child: Child,
+    child: Option<Child>,
     sc: Scenario,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Served {
@@ -83,19 +96,22 @@ impl Served {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = c.spawn().expect("spawn mcp-warden run --listen");
-        Served { child, sc }
+        Served {
+            child: Some(child),
+            sc,
+        }
     }
 
     /// SIGTERM mcp-warden, wait, collect.
-    fn stop(self) -> Run {
-        let Served { child, sc } = self;
+    fn stop(mut self) -> Run {
+        let child = self.child.take().expect("running");
         let pid = child.id();
         // SAFETY: kill(2) on the pid of our own child (a no-op if it exited).
         unsafe {
             libc::kill(pid as i32, libc::SIGTERM);
         }
         let out = child.wait_with_output().expect("wait mcp-warden");
-        sc.collect(pid, out)
+        self.sc.collect(pid, out)
     }
 }
 
@@ -519,7 +535,11 @@ fn upstream_binding_outside_network_bind_fails_to_start() {
     );
     let mut served = served;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while served.child.try_wait().ok().flatten().is_none() {
+    while served
+        .child
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    {
         assert!(Instant::now() < deadline, "the server kept running");
         std::thread::sleep(Duration::from_millis(100));
     }
