@@ -23,6 +23,8 @@ pub struct RunArgs {
     /// `--listen ADDR --upstream URL`: relay HTTP instead of stdio.
     pub http: Option<crate::serve_http::HttpArgs>,
     pub cmd: Vec<OsString>,
+    /// Standalone only: serve /metrics on this address while the server runs.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ pub enum RunError {
     Account(u32, String),
     #[error("relay: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics_http::MetricsHttpError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -164,6 +168,15 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
     }
     let sinks = standalone_sinks(args.events.as_ref())?;
     let host = Host::start(sinks)?;
+    let metrics_http = match args.metrics {
+        Some(addr) => {
+            let l = crate::metrics_http::MetricsListener::bind(addr).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(l.serve(host.metrics().clone(), stopped));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let inst = host
         .launch(policy.clone(), &args.cmd, instance_info(&policy))
         .await?;
@@ -171,6 +184,10 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
         Some(http) => crate::serve_http::serve(&host, inst, http).await?,
         None => serve_stdio(&host, inst).await?,
     };
+    if let Some((stop, task)) = metrics_http {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     host.shutdown().await?;
     Ok(code)
 }
