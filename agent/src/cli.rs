@@ -81,6 +81,18 @@ struct RunCmd {
     /// Also write the events of this server to FILE (JSON lines).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Relay MCP over HTTP: listen on ADDR (HOST:PORT on loopback, or
+    /// unix:/path) and forward to the server's own endpoint (--upstream).
+    #[arg(long, value_name = "ADDR", requires = "upstream")]
+    listen: Option<String>,
+    /// The confined server's HTTP endpoint: http://127.0.0.1:PORT (a
+    /// loopback origin) or unix:/path.
+    #[arg(long, value_name = "URL", requires = "listen")]
+    upstream: Option<String>,
+    /// Allow a --listen address that is not loopback (the MCP endpoint is
+    /// then open to the network).
+    #[arg(long, requires = "listen")]
+    listen_any: bool,
     /// Standalone only: serve Prometheus /metrics on ADDR while the server
     /// runs (the end-to-end test; the agent service has its own).
     #[arg(long, value_name = "ADDR", hide = true)]
@@ -90,17 +102,36 @@ struct RunCmd {
     cmd: Vec<OsString>,
 }
 
+impl RunCmd {
+    fn http(&self) -> Result<Option<crate::serve_http::HttpArgs>, crate::relay::http::AddrError> {
+        let (Some(listen), Some(upstream)) = (&self.listen, &self.upstream) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::serve_http::HttpArgs {
+            listen: crate::relay::http::Listen::parse(listen, self.listen_any)?,
+            upstream: crate::relay::http::Upstream::parse(upstream)?,
+        }))
+    }
+}
+
 pub fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Run(r) => crate::run::main(crate::run::RunArgs {
-            policy: r.policy,
-            server: r.server,
-            events: r.events,
-            cmd: r.cmd,
-            metrics: r.metrics,
-        }),
+        Cmd::Run(r) => match r.http() {
+            Ok(http) => crate::run::main(crate::run::RunArgs {
+                policy: r.policy,
+                server: r.server,
+                events: r.events,
+                http,
+                cmd: r.cmd,
+                metrics: r.metrics,
+            }),
+            Err(e) => {
+                eprintln!("mcp-warden: {e}");
+                2
+            }
+        },
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Demo => crate::demo::main(),
         Cmd::Agent { config } => crate::daemon::main(config),

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod relay;
 pub mod run;
 pub mod run_agent;
+pub mod serve_http;
 pub mod session;
 pub mod status;
 pub mod wrap;

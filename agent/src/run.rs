@@ -20,6 +20,8 @@ pub struct RunArgs {
     pub policy: Option<PathBuf>,
     pub server: Option<String>,
     pub events: Option<PathBuf>,
+    /// `--listen ADDR --upstream URL`: relay HTTP instead of stdio.
+    pub http: Option<crate::serve_http::HttpArgs>,
     pub cmd: Vec<OsString>,
     /// Standalone only: serve /metrics on this address while the server runs.
     pub metrics: Option<std::net::SocketAddr>,
@@ -178,7 +180,10 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
     let inst = host
         .launch(policy.clone(), &args.cmd, instance_info(&policy))
         .await?;
-    let code = serve_stdio(&host, inst).await?;
+    let code = match &args.http {
+        Some(http) => crate::serve_http::serve(&host, inst, http).await?,
+        None => serve_stdio(&host, inst).await?,
+    };
     if let Some((stop, task)) = metrics_http {
         let _ = stop.send(());
         let _ = task.await;

@@ -514,18 +514,33 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
     let (Some(child_in), Some(child_out)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(RunError::Relay("child stdio not piped".into()));
     };
-    let relay = tokio::spawn(crate::relay::relay(
-        tokio::io::stdin(),
-        tokio::io::stdout(),
-        child_in,
-        child_out,
+    let relay = crate::serve_http::Relayed::start(
+        args.http.as_ref(),
         pol.clone(),
         Arc::new(AgentHooks {
             link: link.clone(),
             approval: pol.mcp.approval.to_vec(),
             approval_limit: Duration::from_secs(pol.mcp.approval_timeout_secs) + REQUEST_LIMIT,
         }),
-    ));
+        child_in,
+        child_out,
+    )
+    .await;
+    let relay = match relay {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing to relay to (the HTTP listen address failed): end the
+            // server and the instance.
+            if let Some(p) = child.id() {
+                // SAFETY: plain kill(2) of our own child.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+            let _ = child.wait().await;
+            keepalive.abort();
+            let _ = link.request(&Request::Finish { status: 125 }).await;
+            return Err(e);
+        }
+    };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let pid = child.id();
@@ -569,11 +584,6 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
         log::error!("{instance}: the agent did not confirm the teardown; it cleans up when it sees the cgroup empty");
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), events).await;
-    match tokio::time::timeout(Duration::from_secs(5), relay).await {
-        Ok(Ok(Ok(_))) => {}
-        Ok(Ok(Err(e))) => log::warn!("relay: {e}"),
-        Ok(Err(e)) => log::warn!("relay task: {e}"),
-        Err(_) => log::warn!("relay did not finish within 5 s after the server exited"),
-    }
+    relay.finish().await;
     Ok(code)
 }

@@ -13,6 +13,7 @@ use std::future::Future;
 pub mod calls;
 pub mod eof;
 pub mod framing;
+pub mod http;
 pub mod jsonrpc;
 pub mod stdio;
 

@@ -193,7 +193,7 @@ where
 }
 
 /// A request whose response the relay reads.
-enum Pending {
+pub(super) enum Pending {
     Hello,
     ToolsList,
     /// tasks/get, tasks/cancel: the result is a Task.
@@ -203,10 +203,10 @@ enum Pending {
 }
 
 #[derive(Default)]
-struct State {
-    tracker: CallTracker,
-    pending: HashMap<RequestId, Pending>,
-    stats: RelayStats,
+pub(super) struct State {
+    pub tracker: CallTracker,
+    pub pending: HashMap<RequestId, Pending>,
+    pub stats: RelayStats,
 }
 
 struct Shared<'a, H, CW> {
@@ -394,7 +394,7 @@ where
 
 /// Classify the lenient copy of a line strict parsing rejected; true when
 /// that found JSON-RPC.
-fn classify_copy(copy: Option<&[u8]>) -> (Classified<'_>, bool) {
+pub(super) fn classify_copy(copy: Option<&[u8]>) -> (Classified<'_>, bool) {
     match copy.map(classify) {
         Some(c @ (Classified::Single(_) | Classified::Batch(_))) => (c, true),
         _ => (Classified::NotMcp, false),
@@ -485,7 +485,7 @@ where
 }
 
 /// Why the policy (or the relay's own rules) refuse this call, if it does.
-fn refusal(
+pub(super) fn refusal(
     policy: &Policy,
     tracker: &CallTracker,
     call: &CallStart,
@@ -503,6 +503,70 @@ fn refusal(
     None
 }
 
+/// What a client message (or batch) asks of the relay: the `tools/call`s it
+/// carries, and why it must be refused, if it must. Shared by the stdio and
+/// HTTP relays so both judge a message the same way.
+pub(super) struct CallPlan {
+    pub calls: Vec<CallStart>,
+    /// The first reason to refuse the message, if any.
+    pub why: Option<String>,
+    /// A `tools/call` without a usable id: never forwarded.
+    pub unusable_call: bool,
+}
+
+/// Judge the `tools/call`s of `msgs` (one line or HTTP body of `bytes`
+/// bytes) against the policy and the calls in flight.
+pub(super) fn plan_calls(
+    policy: &Policy,
+    tracker: &CallTracker,
+    msgs: &[Message<'_>],
+    bytes: u64,
+) -> CallPlan {
+    let mut calls = Vec::new();
+    let mut why: Option<String> = None;
+    let mut unusable_call = false;
+    for m in msgs {
+        match m {
+            Message::Request {
+                id,
+                request: Request::ToolsCall(c),
+                ..
+            } => {
+                let start = CallStart {
+                    id: id.clone(),
+                    tool: c.name.clone().unwrap_or_default(),
+                    args_hash: c.args_hash.clone(),
+                    request_bytes: bytes,
+                    task: c.task,
+                };
+                if why.is_none() {
+                    why = refusal(policy, tracker, &start, c.name.is_some());
+                }
+                if why.is_none() && calls.iter().any(|s: &CallStart| s.id == start.id) {
+                    why = Some(format!(
+                        "request id {} is used twice in the batch",
+                        start.id
+                    ));
+                }
+                calls.push(start);
+            }
+            // A tools/call that can't be answered (no usable id) could
+            // still be run by a lenient server: never forward it.
+            Message::Malformed { method } | Message::Notification { method, .. }
+                if method == "tools/call" =>
+            {
+                unusable_call = true;
+            }
+            _ => {}
+        }
+    }
+    CallPlan {
+        calls,
+        why,
+        unusable_call,
+    }
+}
+
 async fn c2s_messages<H, CW, SW>(
     sh: &Shared<'_, H, CW>,
     line: &[u8],
@@ -515,48 +579,11 @@ where
     CW: AsyncWrite + Unpin + Send,
     SW: AsyncWrite + Unpin + Send,
 {
-    let bytes = line.len() as u64;
-    let mut calls = Vec::new();
-    let mut why: Option<String> = None;
-    let mut unusable_call = false;
-    {
-        let st = sh.lock();
-        for m in msgs {
-            match m {
-                Message::Request {
-                    id,
-                    request: Request::ToolsCall(c),
-                    ..
-                } => {
-                    let start = CallStart {
-                        id: id.clone(),
-                        tool: c.name.clone().unwrap_or_default(),
-                        args_hash: c.args_hash.clone(),
-                        request_bytes: bytes,
-                        task: c.task,
-                    };
-                    if why.is_none() {
-                        why = refusal(sh.policy, &st.tracker, &start, c.name.is_some());
-                    }
-                    if why.is_none() && calls.iter().any(|s: &CallStart| s.id == start.id) {
-                        why = Some(format!(
-                            "request id {} is used twice in the batch",
-                            start.id
-                        ));
-                    }
-                    calls.push(start);
-                }
-                // A tools/call that can't be answered (no usable id) could
-                // still be run by a lenient server: never forward it.
-                Message::Malformed { method } | Message::Notification { method, .. }
-                    if method == "tools/call" =>
-                {
-                    unusable_call = true;
-                }
-                _ => {}
-            }
-        }
-    }
+    let CallPlan {
+        calls,
+        why,
+        unusable_call,
+    } = plan_calls(sh.policy, &sh.lock().tracker, msgs, line.len() as u64);
 
     if unusable_call {
         if batch {
@@ -614,66 +641,69 @@ where
 
     // Cancellations end calls before the notification goes on; requests
     // whose answers we read are noted before they can be answered.
-    let mut ends = Vec::new();
-    let mut session = None;
-    {
-        let mut st = sh.lock();
-        let st = &mut *st;
-        for m in msgs {
-            match m {
-                Message::Notification {
-                    notification:
-                        Notification::Cancelled {
-                            request_id: Some(id),
-                        },
-                    ..
-                } => {
-                    ends.extend(st.tracker.end(
-                        id,
-                        Outcome::Cancelled,
-                        0,
-                        Some("cancelled by client"),
-                    ));
-                }
-                Message::Request { id, request, .. } => {
-                    let pending = match request {
-                        Request::Initialize(h) | Request::Discover(h) => {
-                            let s = &mut st.stats.session;
-                            s.handshake = Some(if matches!(request, Request::Initialize(_)) {
-                                Handshake::Initialize
-                            } else {
-                                Handshake::Discover
-                            });
-                            s.protocol_version = h.protocol_version.clone();
-                            s.client_name = h.client_name.clone();
-                            s.client_version = h.client_version.clone();
-                            session = Some(s.clone());
-                            Some(Pending::Hello)
-                        }
-                        Request::ToolsList => Some(Pending::ToolsList),
-                        Request::TasksGet { .. } | Request::TasksCancel { .. } => {
-                            Some(Pending::TaskStatus)
-                        }
-                        Request::TasksResult { task_id } => {
-                            Some(Pending::TaskResult(task_id.clone()))
-                        }
-                        Request::ToolsCall(_) | Request::Other => None,
-                    };
-                    if let Some(p) = pending {
-                        if st.pending.len() < MAX_PENDING {
-                            st.pending.insert(id.clone(), p);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
+    let (ends, session) = c2s_note(&mut sh.lock(), msgs);
     sh.end_calls(&ends).await;
     if let Some(s) = session {
         sh.hooks.session_info(&s);
     }
     forward_server(sh, server, line).await
+}
+
+/// Note what a forwarded client message means for the relay's state:
+/// cancellations end their calls (returned, for the hooks), and requests
+/// whose answers the relay reads are remembered before they can be answered.
+pub(super) fn c2s_note(
+    st: &mut State,
+    msgs: &[Message<'_>],
+) -> (Vec<CallEnd>, Option<SessionInfo>) {
+    let mut ends = Vec::new();
+    let mut session = None;
+    for m in msgs {
+        match m {
+            Message::Notification {
+                notification:
+                    Notification::Cancelled {
+                        request_id: Some(id),
+                    },
+                ..
+            } => {
+                ends.extend(
+                    st.tracker
+                        .end(id, Outcome::Cancelled, 0, Some("cancelled by client")),
+                );
+            }
+            Message::Request { id, request, .. } => {
+                let pending = match request {
+                    Request::Initialize(h) | Request::Discover(h) => {
+                        let s = &mut st.stats.session;
+                        s.handshake = Some(if matches!(request, Request::Initialize(_)) {
+                            Handshake::Initialize
+                        } else {
+                            Handshake::Discover
+                        });
+                        s.protocol_version = h.protocol_version.clone();
+                        s.client_name = h.client_name.clone();
+                        s.client_version = h.client_version.clone();
+                        session = Some(s.clone());
+                        Some(Pending::Hello)
+                    }
+                    Request::ToolsList => Some(Pending::ToolsList),
+                    Request::TasksGet { .. } | Request::TasksCancel { .. } => {
+                        Some(Pending::TaskStatus)
+                    }
+                    Request::TasksResult { task_id } => Some(Pending::TaskResult(task_id.clone())),
+                    Request::ToolsCall(_) | Request::Other => None,
+                };
+                if let Some(p) = pending {
+                    if st.pending.len() < MAX_PENDING {
+                        st.pending.insert(id.clone(), p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (ends, session)
 }
 
 /// Answer every request in `msgs` with a refusal, in one line (a batch reply
@@ -688,6 +718,30 @@ async fn refuse<H, CW>(
     H: RelayHooks,
     CW: AsyncWrite + Unpin + Send,
 {
+    let (reason, body) = refusal_reply(sh.policy, msgs, reason, batch);
+    for call in calls {
+        sh.hooks.call_refused(call, &reason);
+    }
+    sh.lock().stats.refused += calls.len().max(1) as u64;
+    log::info!(
+        "relay: refused request(s) for server {:?}: {reason}",
+        sh.policy.server
+    );
+    let Some(body) = body else { return };
+    let mut line = body.to_string().into_bytes();
+    line.push(b'\n');
+    sh.write_client(&line).await;
+}
+
+/// The relay's own answer to a refused message: one error response per
+/// request in `msgs` (a batch reply for a batch), and the reason as
+/// reported. `None` when `msgs` holds no request to answer.
+pub(super) fn refusal_reply(
+    policy: &Policy,
+    msgs: &[Message<'_>],
+    reason: &str,
+    batch: bool,
+) -> (String, Option<Value>) {
     let reason = if batch {
         format!("batch refused: {reason}")
     } else {
@@ -706,26 +760,15 @@ async fn refuse<H, CW>(
                 Request::ToolsCall(c) => c.name.as_deref(),
                 _ => None,
             };
-            errors.push(error_response(sh.policy, id_json, method, tool, &reason));
+            errors.push(error_response(policy, id_json, method, tool, &reason));
         }
     }
-    for call in calls {
-        sh.hooks.call_refused(call, &reason);
-    }
-    sh.lock().stats.refused += calls.len().max(1) as u64;
-    log::info!(
-        "relay: refused {} request(s) for server {:?}: {reason}",
-        errors.len(),
-        sh.policy.server
-    );
     let body = match (batch, errors.len()) {
-        (_, 0) => return,
-        (true, _) => Value::Array(errors),
-        (false, _) => errors.swap_remove(0),
+        (_, 0) => None,
+        (true, _) => Some(Value::Array(errors)),
+        (false, _) => Some(errors.swap_remove(0)),
     };
-    let mut line = body.to_string().into_bytes();
-    line.push(b'\n');
-    sh.write_client(&line).await;
+    (reason, body)
 }
 
 /// What `[mcp]` says of a server-initiated request, if it governs it.
@@ -734,6 +777,29 @@ fn governance(policy: &Policy, method: &str) -> Option<Governance> {
         "sampling/createMessage" => Some(policy.mcp.sampling),
         "elicitation/create" => Some(policy.mcp.elicitation),
         _ => None,
+    }
+}
+
+/// The relay's answer to the server for a line holding a server-initiated
+/// request `[mcp]` denies: an error for every request in it (a batch is
+/// refused whole). Shared by the stdio and HTTP relays.
+pub(super) fn governance_reply(policy: &Policy, request_ids: &[(Value, String)]) -> Value {
+    let errors: Vec<Value> = request_ids
+        .iter()
+        .map(|(id, method)| {
+            let reason = match governance(policy, method) {
+                Some(Governance::Deny) => {
+                    format!("server-initiated {method} is denied by the policy's [mcp] section")
+                }
+                _ => "it came in a batch with a refused request".to_string(),
+            };
+            error_response(policy, id, method, None, &reason)
+        })
+        .collect();
+    if errors.len() == 1 {
+        errors.into_iter().next().unwrap_or(Value::Null)
+    } else {
+        Value::Array(errors)
     }
 }
 
@@ -899,24 +965,7 @@ where
                 // Refused: the client never sees it; the server gets an
                 // error for every request in the line (a batch is refused
                 // whole: the relay never rewrites bytes it forwards).
-                let errors: Vec<Value> = effects
-                    .request_ids
-                    .iter()
-                    .map(|(id, method)| {
-                        let reason = match governance(sh.policy, method) {
-                            Some(Governance::Deny) => format!(
-                                "server-initiated {method} is denied by the policy's [mcp] section"
-                            ),
-                            _ => "it came in a batch with a refused request".to_string(),
-                        };
-                        error_response(sh.policy, id, method, None, &reason)
-                    })
-                    .collect();
-                let body = if errors.len() == 1 {
-                    errors.into_iter().next().unwrap_or(Value::Null)
-                } else {
-                    Value::Array(errors)
-                };
+                let body = governance_reply(sh.policy, &effects.request_ids);
                 let mut reply = body.to_string().into_bytes();
                 reply.push(b'\n');
                 let _ = sh.server_replies.send(reply);
@@ -936,20 +985,25 @@ where
 }
 
 #[derive(Default)]
-struct S2cEffects {
+pub(super) struct S2cEffects {
     /// Server-initiated requests under `[mcp]` governance: (id as written,
     /// method, what the policy says).
-    governed: Vec<(Value, String, Governance)>,
+    pub governed: Vec<(Value, String, Governance)>,
     /// Ids of every request in the line (to refuse a whole batch).
-    request_ids: Vec<(Value, String)>,
-    ends: Vec<CallEnd>,
-    session: Option<SessionInfo>,
-    tools: Option<BTreeMap<String, ToolAnnotations>>,
+    pub request_ids: Vec<(Value, String)>,
+    pub ends: Vec<CallEnd>,
+    pub session: Option<SessionInfo>,
+    pub tools: Option<BTreeMap<String, ToolAnnotations>>,
 }
 
 /// Read the server's messages against what is in flight. Sync: runs under
 /// the state lock.
-fn s2c_messages(st: &mut State, policy: &Policy, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
+pub(super) fn s2c_messages(
+    st: &mut State,
+    policy: &Policy,
+    msgs: &[Message<'_>],
+    bytes: usize,
+) -> S2cEffects {
     let bytes = bytes as u64;
     let mut fx = S2cEffects::default();
     for m in msgs {
