@@ -9,6 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "probe/adv.rs"]
+mod adv;
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
 }
@@ -200,7 +203,7 @@ fn run_op(args: &[String]) -> String {
         }
         "exit" => std::process::exit(a(1).parse().unwrap_or(1)),
         "daemonize" => return daemonize_op(&a(1), &args[2..]),
-        other => return format!("unknown-op={other}"),
+        other => return adv::run(args).unwrap_or_else(|| format!("unknown-op={other}")),
     };
     report(r)
 }
