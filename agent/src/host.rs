@@ -151,6 +151,25 @@ impl Host {
         }
     }
 
+    /// Events the kernel could not deliver so far, by kind
+    /// (`mcp_warden_events_lost_total`'s labels).
+    pub fn lost_counts(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Ok(lost) = self
+            .kernel
+            .lock()
+            .map_err(|_| ())
+            .and_then(|k| k.lost().map_err(|_| ()))
+        {
+            for (i, n) in lost.iter().enumerate() {
+                if let Some(name) = events::lost_kind_name(i as u32) {
+                    m.insert(name.to_string(), json!(n));
+                }
+            }
+        }
+        m
+    }
+
     /// Confine and start a server: cgroup, kernel state and hooks first,
     /// then fork -> join the cgroup -> apply Landlock/seccomp/caps -> exec.
     pub async fn launch(
@@ -328,8 +347,12 @@ impl Host {
         // Last syscall counts, and the records of calls still waiting on them.
         let s = inst.session.clone();
         let _ = tokio::task::spawn_blocking(move || s.account(true)).await;
-        inst.session
-            .record("server", json!({"event": "exited", "status": status}));
+        // The standalone agent serves no /metrics: the exit record carries
+        // the kernel's lost-event counters (agent-wide, since its start).
+        inst.session.record(
+            "server",
+            json!({"event": "exited", "status": status, "events_lost": self.lost_counts()}),
+        );
         drop(inst.links.take());
         {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
