@@ -189,6 +189,9 @@ impl Host {
             instance_id
         );
         let cg = InstanceCgroup::create(&name)?;
+        // Should this process die without tearing the instance down, the
+        // guardian ends the tree: nothing outlives its confinement.
+        let guardian = cg.guard()?;
 
         let resolver = dns::Resolver::new()?;
         let names = dns::names(&policy);
@@ -316,6 +319,7 @@ impl Host {
             child,
             dns_task,
             accountant: Some(accountant),
+            guardian: Some(guardian),
         })
     }
 
@@ -366,6 +370,7 @@ impl Host {
         if let Some(cg) = cg {
             cg.remove()?;
         }
+        drop(inst.guardian.take());
         metrics_server_state(&self.metrics, -1);
         Ok(())
     }
@@ -397,6 +402,7 @@ pub struct Instance {
     pub child: tokio::process::Child,
     dns_task: Option<tokio::task::JoinHandle<()>>,
     accountant: Option<tokio::task::JoinHandle<()>>,
+    guardian: Option<cgroup::Guardian>,
 }
 
 impl Instance {
