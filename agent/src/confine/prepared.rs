@@ -221,6 +221,7 @@ mod tests {
             tools_allow: None,
             tools: vec![],
             source: "test".into(),
+            mcp: Default::default(),
         }
     }
 
