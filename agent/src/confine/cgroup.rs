@@ -259,6 +259,7 @@ impl InstanceCgroup {
             // SAFETY: see above; the child ends in _exit.
             unsafe {
                 libc::setsid();
+                libc::prctl(libc::PR_SET_NAME, c"mw-guardian".as_ptr());
                 let mut all: libc::sigset_t = std::mem::zeroed();
                 libc::sigfillset(&mut all);
                 libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
