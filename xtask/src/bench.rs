@@ -355,6 +355,8 @@ struct Results {
     rtt_direct: Figure,
     rtt_relay: Figure,
     rtt_added: Figure,
+    ping_direct: Figure,
+    ping_relay: Figure,
     big_direct: Figure,
     big_relay: Figure,
     plain_wall: Figure,
@@ -508,6 +510,10 @@ fn relay(ctx: &Ctx, r: &mut Results) -> Result<()> {
         r.rtt_direct.push(d);
         r.rtt_relay.push(w);
         r.rtt_added.push(w - d);
+        r.ping_direct
+            .push(num(&client(ctx, &["ping", &n], false)?, "median_ns")?);
+        r.ping_relay
+            .push(num(&client(ctx, &["ping", &n], true)?, "median_ns")?);
         let d = num(&client(ctx, &["big", &big, &reps], false)?, "median_ns")?;
         let w = num(&client(ctx, &["big", &big, &reps], true)?, "median_ns")?;
         r.big_direct.push(d);
@@ -858,6 +864,13 @@ fn render(ctx: &Ctx, m: &Machine, r: &Results) -> String {
         r.rtt_direct.median() / 1e3,
         r.rtt_relay.median() / 1e3,
         added_us
+    );
+    let _ = writeln!(
+        s,
+        "| `ping` round trip (relayed, no call bookkeeping) | {:.1} µs | {:.1} µs | {:.1} µs |",
+        r.ping_direct.median() / 1e3,
+        r.ping_relay.median() / 1e3,
+        (r.ping_relay.median() - r.ping_direct.median()) / 1e3
     );
     let _ = writeln!(
         s,

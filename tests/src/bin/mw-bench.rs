@@ -13,7 +13,7 @@
 //! - `server`: a minimal MCP server on stdio with tools `echo` (answers
 //!   "ok"), `big` ({"bytes": n}: answers n bytes of text) and `loop`
 //!   ({"kind", "n", "port"}: runs the loop, answers its `ns_per_op`).
-//! - `client rtt N | big BYTES REPS | loop KIND N PORT -- CMD...`: drive
+//! - `client rtt N | ping N | big BYTES REPS | loop KIND N PORT -- CMD...`: drive
 //!   an MCP server (CMD, directly or under `mcp-warden run`) over its stdio.
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -131,6 +131,7 @@ fn server() {
         };
         let method = msg["method"].as_str().unwrap_or("");
         let result = match method {
+            "ping" => json!({}),
             "initialize" => json!({
                 "protocolVersion": msg["params"]["protocolVersion"].as_str().unwrap_or("2025-06-18"),
                 "capabilities": {"tools": {}},
@@ -293,15 +294,23 @@ fn client(args: &[String]) {
     };
     let mut c = Client::start(cmd);
     match opts.first().map(String::as_str) {
-        Some("rtt") => {
+        Some(mode @ ("rtt" | "ping")) => {
             let n = num(1);
+            let ping = mode == "ping";
+            let mut one = |c: &mut Client, id: u64| {
+                if ping {
+                    c.request(id, "ping", json!({}));
+                } else {
+                    c.call(id, "echo", json!({}));
+                }
+            };
             for i in 0..200 {
-                c.call(1_000_000 + i, "echo", json!({}));
+                one(&mut c, 1_000_000 + i);
             }
             let mut v: Vec<f64> = (1..=n)
                 .map(|i| {
                     let t = Instant::now();
-                    c.call(i, "echo", json!({}));
+                    one(&mut c, i);
                     t.elapsed().as_nanos() as f64
                 })
                 .collect();
@@ -330,7 +339,7 @@ fn client(args: &[String]) {
             c.call(1, "loop", json!({"kind": kind, "n": n, "port": port}));
             println!("{}", c.text());
         }
-        _ => fail("client rtt N | big BYTES REPS | loop KIND N PORT -- CMD"),
+        _ => fail("client rtt N | ping N | big BYTES REPS | loop KIND N PORT -- CMD"),
     }
     c.close();
 }
