@@ -95,6 +95,12 @@ fn seccomp_refuses(run: &Run, syscall: &str) -> bool {
         })
 }
 
+/// A file refusal: EACCES from Landlock on the fallback; BPF-LSM hooks
+/// answer EACCES or EPERM (the policy's deny action).
+fn refused(fallback: bool, line: &str) -> bool {
+    line == EACCES || (!fallback && line == EPERM)
+}
+
 fn tcp_listener() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind listener");
     let p = l.local_addr().expect("addr").port();
@@ -186,11 +192,10 @@ fn io_uring_with_and_without_sqpoll() {
         assert_eq!(run.lines(), vec![EPERM; 6], "{run:?}");
         assert!(net_denials(&run, denied).is_empty(), "{run:?}");
     } else {
-        assert_eq!(
-            run.lines(),
-            vec!["ok", EACCES, EACCES, "ok", EPERM, EPERM],
-            "{run:?}"
-        );
+        let l = run.lines();
+        assert_eq!(l[0], "ok", "{run:?}");
+        assert!(refused(false, &l[1]) && refused(false, &l[2]), "{run:?}");
+        assert_eq!(l[3..], ["ok", EPERM, EPERM], "{run:?}");
         assert_eq!(net_denials(&run, denied).len(), 2, "{:#?}", run.events);
     }
 }
@@ -222,10 +227,11 @@ fn symlinks_and_hardlinks_to_denied_files() {
         ],
     );
     let l = run.lines();
-    assert_eq!(l[0], EACCES, "{run:?}");
+    let fb = is_fallback(&run);
+    assert!(refused(fb, &l[0]), "{run:?}");
     assert_eq!(l[1], "ok", "symlink creation in the writable tree: {run:?}");
-    assert_eq!(l[2], EACCES, "open through the symlink: {run:?}");
-    if is_fallback(&run) {
+    assert!(refused(fb, &l[2]), "open through the symlink: {run:?}");
+    if fb {
         assert_eq!(l[3], EXDEV, "{run:?}");
     } else {
         assert!(l[3] == EACCES || l[3] == EPERM, "{run:?}");
@@ -233,14 +239,24 @@ fn symlinks_and_hardlinks_to_denied_files() {
     assert_eq!(l[4], "errno=2", "the link was not made: {run:?}");
     assert!(!Path::new(&hl).exists());
     assert_eq!(l[5], "ok", "path rules judge the name: {run:?}");
-    // The refusals are reported (the fallback audits them at sys_exit).
+    // The refusals are reported: the fallback audits them at sys_exit with
+    // the path the process passed; BPF-LSM reports the opened file's path
+    // (the symlink's target).
     let file_denials = run.events_where(&[("kind", json!("file")), ("decision", json!("deny"))]);
-    for p in [&f.secret, &sl] {
+    let named = |p: &String| {
+        file_denials
+            .iter()
+            .filter(|e| e["path"] == json!(p))
+            .count()
+    };
+    if fb {
         assert!(
-            file_denials.iter().any(|e| e["path"] == json!(p)),
-            "no deny event for {p}: {:#?}",
+            named(&f.secret) >= 1 && named(&sl) >= 1,
+            "{:#?}",
             run.events
         );
+    } else {
+        assert!(named(&f.secret) >= 2, "{:#?}", run.events);
     }
 }
 
@@ -263,11 +279,11 @@ fn fd_passing_and_proc_self_fd_reopens() {
             &["fdpass-opath-read", &f.secret],
         ],
     );
-    assert_eq!(
-        run.lines(),
-        vec!["ok", EACCES, EACCES, EACCES, EACCES, EACCES],
-        "{run:?}"
-    );
+    let l = run.lines();
+    let fb = is_fallback(&run);
+    assert_eq!(l[0], "ok", "{run:?}");
+    assert!(l[1..].iter().all(|x| refused(fb, x)), "{run:?}");
+    assert_eq!(l.len(), 6, "{run:?}");
     assert_eq!(std::fs::read_to_string(&f.readable).expect("read"), "data");
 }
 
@@ -513,12 +529,12 @@ fn pid_reuse_does_not_carry_attribution_across_instances() {
     assert_no_leftover_cgroups(run_b.warden_pid);
 }
 
-/// A flood of allowed events (20 000 short-lived processes, each an exit
+/// A flood of allowed events (10 000 short-lived processes, each an exit
 /// event) with one denied connect in the middle: the denial is delivered,
 /// and every exit event is either delivered or counted as lost, exactly.
 #[test]
 fn flood_of_allowed_events_with_one_denied() {
-    const N: u32 = 20_000;
+    const N: u32 = 10_000;
     let (_l, port) = tcp_listener();
     let sc = Scenario::new("adv-flood", &policy("adv", &[], &[], &[]));
     let n = N.to_string();
