@@ -297,7 +297,7 @@ fn client(args: &[String]) {
         Some(mode @ ("rtt" | "ping")) => {
             let n = num(1);
             let ping = mode == "ping";
-            let mut one = |c: &mut Client, id: u64| {
+            let one = |c: &mut Client, id: u64| {
                 if ping {
                     c.request(id, "ping", json!({}));
                 } else {
