@@ -25,6 +25,32 @@ enum Cmd {
     },
     /// Show a confined MCP server trying to exfiltrate, and the denial.
     Demo,
+    /// The agent service: load the programs once, serve `run` clients over
+    /// the control socket, reload policies, write the audit log.
+    Agent {
+        /// Agent config (TOML); the embedded defaults without it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// The agent's backend, hooks, instances and counters.
+    Status {
+        /// Print the raw JSON response.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print audit events (JSON lines) from the audit log, or follow the
+    /// agent's live stream.
+    Events {
+        /// Stream new events from the agent until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this server's events.
+        #[arg(long)]
+        server: Option<String>,
+        /// Audit log to read (without --follow).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
     /// Let a tool call that waits for approval run.
     Approve { id: String },
     /// Refuse a tool call that waits for approval.
@@ -61,6 +87,13 @@ pub fn main() -> ExitCode {
         }),
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Demo => crate::demo::main(),
+        Cmd::Agent { config } => crate::daemon::main(config),
+        Cmd::Status { json } => crate::status::status_main(json),
+        Cmd::Events {
+            follow,
+            server,
+            log,
+        } => crate::status::events_main(follow, server, log),
         Cmd::Approve { id } => crate::approval::cli("approve", Some(&id)),
         Cmd::Deny { id } => crate::approval::cli("deny", Some(&id)),
         Cmd::Approvals => crate::approval::cli("list", None),

@@ -12,7 +12,10 @@
 pub mod annotations;
 pub mod approval;
 pub mod cli;
+pub mod config;
 pub mod confine;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod dns;
 pub mod events;
@@ -22,4 +25,6 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod run;
+pub mod run_agent;
 pub mod session;
+pub mod status;

@@ -36,6 +36,16 @@ pub enum RunError {
     NeedRoot,
     #[error("--server NAME needs the agent service (policies in /etc/mcp-warden/policies)")]
     ServerNeedsAgent,
+    #[error(
+        "no mcp-warden agent answers on {} ({reason}), and standalone mode needs root: \
+         start the agent service (or set {} to its socket)",
+        sock.display(), crate::config::SOCKET_ENV
+    )]
+    NoAgent { sock: PathBuf, reason: String },
+    #[error("agent: {0}")]
+    Agent(#[from] crate::control::ControlError),
+    #[error("empty command")]
+    NoCommand,
     #[error("opening event log {path}: {source}")]
     EventLog {
         path: PathBuf,
@@ -129,6 +139,20 @@ pub fn standalone_sinks(events: Option<&PathBuf>) -> Result<Sinks, RunError> {
 }
 
 async fn run(args: RunArgs) -> Result<i32, RunError> {
+    // The agent when one answers; standalone only as root with no agent.
+    let sock = crate::config::client_socket();
+    match crate::control::client::ping(&sock, std::time::Duration::from_secs(2)).await {
+        Ok(_) => return crate::run_agent::run(args, &sock).await,
+        Err(e) => {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(RunError::NoAgent {
+                    sock,
+                    reason: e.to_string(),
+                });
+            }
+            log::debug!("no agent on {} ({e}): running standalone", sock.display());
+        }
+    }
     let Some(policy_path) = &args.policy else {
         return Err(RunError::ServerNeedsAgent);
     };
@@ -221,7 +245,7 @@ async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
     Ok(code)
 }
 
-fn exit_code(st: std::process::ExitStatus) -> i32 {
+pub fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => c,

@@ -116,6 +116,18 @@ impl InstanceCgroup {
         })
     }
 
+    /// Open an existing instance cgroup (an agent re-adopting it).
+    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+        let dir = File::open(path).map_err(io_err("open", path))?;
+        let id = dir.metadata().map_err(io_err("stat", path))?.ino();
+        Ok(Self {
+            path: path.to_path_buf(),
+            id,
+            dir,
+            removed: false,
+        })
+    }
+
     /// The cgroup id as the kernel reports it (bpf_get_current_cgroup_id):
     /// the inode number of the directory.
     pub fn id(&self) -> u64 {
@@ -269,6 +281,9 @@ impl InstanceCgroup {
                 let mut b = [0u8; 1];
                 loop {
                     let n = libc::read(0, b.as_mut_ptr().cast(), 1);
+                    if n == 1 && b[0] == DISARM {
+                        libc::_exit(0);
+                    }
                     if n >= 0 || *libc::__errno_location() != libc::EINTR {
                         break;
                     }
@@ -291,6 +306,21 @@ impl InstanceCgroup {
             pipe: Some(wr),
             pid,
         })
+    }
+}
+
+/// The byte that tells a guardian to exit without killing anything.
+const DISARM: u8 = b'd';
+
+impl Guardian {
+    /// Let the tree outlive this process (it is handed over, e.g. kept
+    /// confined by pinned links): the guardian exits without killing.
+    pub fn disarm(mut self) {
+        use std::io::Write as _;
+        if let Some(p) = self.pipe.take() {
+            let mut f = File::from(p);
+            let _ = f.write_all(&[DISARM]);
+        }
     }
 }
 

@@ -97,7 +97,17 @@ impl Prepared {
     /// the capability drop. `cmd_path` is the file that will be executed
     /// (resolved from PATH by the caller).
     pub fn new(policy: &Policy, cmd_path: &Path) -> Result<Prepared, ConfineError> {
-        let ruleset = ll::prepare(policy, cmd_path)?;
+        Self::new_for(policy, cmd_path, ll::FilesBy::Landlock)
+    }
+
+    /// As [`Prepared::new`], with the file rights enforced as `by` says
+    /// (the BPF-LSM backend takes them over, see `landlock::FilesBy`).
+    pub fn new_for(
+        policy: &Policy,
+        cmd_path: &Path,
+        by: ll::FilesBy,
+    ) -> Result<Prepared, ConfineError> {
+        let ruleset = ll::prepare_for(policy, cmd_path, by)?;
         let filter = sc::prepare()?;
         let caps = CapDrop::new()?;
         Ok(Prepared {

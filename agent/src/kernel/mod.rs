@@ -3,29 +3,33 @@
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
 pub mod btf;
+pub mod lsm;
 pub mod raw;
 pub mod unix;
 
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd, OwnedFd},
+    path::Path,
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        ProgramError, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
-    UnixKey,
+    kind, maps, programs, BytesKey, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule,
+    PathRule, SyscallKey, UnixKey,
 };
 
-use crate::policy::compile::CompiledNet;
+use crate::policy::compile::{CompiledNet, FileEntry};
+
+pub mod pin;
 
 /// The eBPF object built by agent/build.rs. Empty when the agent was built
 /// without bpf-linker.
@@ -61,7 +65,14 @@ pub enum KernelError {
     #[error("link: {0}")]
     Link(#[from] LinkError),
     #[error("{0}")]
+    Pin(#[from] pin::PinError),
+    #[error("{0}")]
     Raw(#[from] raw::RawError),
+    #[error(
+        "the kernel accepts LSM programs but a BPF-LSM hook failed, so the backend is not \
+         claimed: {0}"
+    )]
+    Lsm(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -83,11 +94,15 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// What an instance's cgroup has attached. Dropping it detaches everything.
+/// When pinned ([`pin`]), the links outlive the agent; dropping them then
+/// detaches only if [`CgroupLinks::release`] was called first.
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
     /// bpf_links made by [`raw`] (the unix hooks): closing the fd detaches.
     raw: Vec<(&'static str, OwnedFd)>,
+    pin_dir: Option<std::path::PathBuf>,
+    unpin_on_drop: bool,
 }
 
 impl CgroupLinks {
@@ -109,7 +124,10 @@ pub struct Capabilities {
 }
 
 pub struct Kernel {
-    ebpf: Ebpf,
+    /// The loaded object; None when the programs were reopened from pins.
+    ebpf: Option<Ebpf>,
+    /// Programs reopened from their pins by an agent that re-adopts.
+    pinned_programs: BTreeMap<&'static str, Program>,
     instances: HashMap<MapData, u64, InstanceState>,
     net4: LpmTrie<MapData, Net4Key, NetRule>,
     net6: LpmTrie<MapData, Net6Key, NetRule>,
@@ -121,6 +139,9 @@ pub struct Kernel {
     _tracepoints: Vec<FdLink>,
     /// The unix connect/sendmsg programs, when this kernel has them.
     unix_progs: Vec<raw::RawProgram>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
+    backend: &'static str,
+    _lsm_links: Vec<(&'static str, FdLink)>,
     caps: Capabilities,
 }
 
@@ -174,22 +195,62 @@ impl Kernel {
     /// filter on the confined cgroups themselves); cgroup hooks are attached
     /// per instance by [`Kernel::attach_cgroup`].
     pub fn load() -> Result<Self, KernelError> {
+        Self::load_with(None)
+    }
+
+    /// [`Kernel::load`], pinning every map it opens under `pin_maps`.
+    pub(crate) fn load_with(pin_maps: Option<&Path>) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        // Struct offsets the unix hooks need, from this kernel's BTF.
-        let unix_layout = btf::Btf::from_sys_fs()
-            .map_err(unix::LayoutError::from)
-            .and_then(|b| unix::layout(&b));
+        // Struct offsets the unix and LSM hooks need, from this kernel's BTF.
+        let kbtf = btf::Btf::from_sys_fs();
+        let unix_layout: Result<unix::SockAddrKernLayout, String> = match &kbtf {
+            Ok(b) => unix::layout(b).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let lsm_offsets: Result<lsm::Offsets, String> = match &kbtf {
+            Ok(b) => lsm::offsets(b).map_err(|e| format!("reading struct offsets: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        // The backend: BPF-LSM where the kernel accepts LSM programs.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let lsm_ready: Result<(), String> = aya_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(lsm::probe)
+            .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
         let mut loader = EbpfLoader::new();
+        if let Ok(o) = &lsm_offsets {
+            lsm::set_globals(&mut loader, o);
+        }
         if let Ok(l) = &unix_layout {
             loader
                 .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
                 .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
+        let (backend, lsm_links) = match (&lsm_ready, &aya_btf) {
+            (Ok(()), Ok(b)) => {
+                let links = lsm::attach_all(&mut ebpf, b).map_err(KernelError::Lsm)?;
+                log::info!(
+                    "backend: bpf-lsm ({} hooks; offsets {:?})",
+                    links.len(),
+                    lsm_offsets.as_ref().map(|o| &o.0)
+                );
+                (lsm::BACKEND_LSM, links)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                log::info!("backend: fallback (BPF-LSM not available: {e})");
+                (lsm::BACKEND_FALLBACK, Vec::new())
+            }
+        };
         let mut caps = Capabilities::default();
+        for (_, hook) in programs::LSM_HOOKS {
+            caps.hooks
+                .insert(hook, lsm_links.iter().any(|(h, _)| *h == hook));
+        }
         let unix_progs = match &unix_layout {
             Ok(l) => match unix::load(&ebpf, OBJECT) {
                 Ok(p) => {
@@ -280,60 +341,103 @@ impl Kernel {
             p.load().map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
-        let bytes = PerCpuHashMap::try_from(
-            ebpf.take_map(maps::BYTES)
-                .ok_or(KernelError::MissingMap(maps::BYTES))?,
-        )
-        .map_err(map_err(maps::BYTES))?;
-        let syscalls = PerCpuHashMap::try_from(
-            ebpf.take_map(maps::SYSCALLS)
-                .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
-        )
-        .map_err(map_err(maps::SYSCALLS))?;
-        let instances = HashMap::try_from(
-            ebpf.take_map(maps::INSTANCES)
-                .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
-        )
-        .map_err(map_err(maps::INSTANCES))?;
-        let net4 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET4_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET4_RULES))?,
-        )
-        .map_err(map_err(maps::NET4_RULES))?;
-        let net6 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET6_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET6_RULES))?,
-        )
-        .map_err(map_err(maps::NET6_RULES))?;
-        let unix = LpmTrie::try_from(
-            ebpf.take_map(maps::UNIX_RULES)
-                .ok_or(KernelError::MissingMap(maps::UNIX_RULES))?,
-        )
-        .map_err(map_err(maps::UNIX_RULES))?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(maps::STATS)
-                .ok_or(KernelError::MissingMap(maps::STATS))?,
-        )
-        .map_err(map_err(maps::STATS))?;
-        let events = RingBuf::try_from(
-            ebpf.take_map(maps::EVENTS)
-                .ok_or(KernelError::MissingMap(maps::EVENTS))?,
-        )
-        .map_err(map_err(maps::EVENTS))?;
-        Ok(Self {
+        let maps = Maps::open(&mut |name| {
+            let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+            if let Some(dir) = pin_maps {
+                pin::pin_map(&m, dir, name)?;
+            }
+            Ok(m)
+        })?;
+        Ok(Self::assemble(
+            Some(ebpf),
+            BTreeMap::new(),
+            maps,
+            tracepoints,
+            unix_progs,
+            backend,
+            lsm_links,
+            caps,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        ebpf: Option<Ebpf>,
+        pinned_programs: BTreeMap<&'static str, Program>,
+        maps: Maps,
+        tracepoints: Vec<FdLink>,
+        unix_progs: Vec<raw::RawProgram>,
+        backend: &'static str,
+        lsm_links: Vec<(&'static str, FdLink)>,
+        caps: Capabilities,
+    ) -> Self {
+        Self {
             ebpf,
-            instances,
-            net4,
-            net6,
-            unix,
-            stats,
-            syscalls,
-            bytes,
-            events: Some(events),
+            pinned_programs,
+            instances: maps.instances,
+            net4: maps.net4,
+            net6: maps.net6,
+            unix: maps.unix,
+            stats: maps.stats,
+            syscalls: maps.syscalls,
+            bytes: maps.bytes,
+            events: Some(maps.events),
             _tracepoints: tracepoints,
             unix_progs,
+            files: maps.files,
+            backend,
+            _lsm_links: lsm_links,
             caps,
-        })
+        }
+    }
+
+    /// `bpf-lsm` or `fallback`: which backend enforces files and exec.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// On bpf-lsm: does every path-mutation hook run (Linux 6.1 refuses
+    /// bpf_d_path in them)? When not, Landlock keeps the mutation rights.
+    pub fn lsm_mutations(&self) -> bool {
+        programs::LSM_HOOKS
+            .iter()
+            .all(|(_, h)| self._lsm_links.iter().any(|(l, _)| l == h))
+    }
+
+    /// Install file/exec entries (BPF-LSM backend); entries of `old` not in
+    /// `new` are removed afterwards, so a refresh never opens a gap.
+    pub fn install_files(
+        &mut self,
+        new: &[FileEntry],
+        old: Option<&[FileEntry]>,
+    ) -> Result<(), KernelError> {
+        for (plen, k, v) in new {
+            self.files
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        for (plen, k, _) in old.unwrap_or_default() {
+            if !new.iter().any(|(p, n, _)| p == plen && n == k) {
+                ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                    .map_err(map_err(maps::FILE_RULES))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_files(&mut self, entries: &[FileEntry]) -> Result<(), KernelError> {
+        for (plen, k, _) in entries {
+            ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        Ok(())
+    }
+
+    fn program_mut(&mut self, name: &'static str) -> Option<&mut Program> {
+        match &mut self.ebpf {
+            Some(e) => e.program_mut(name),
+            None => self.pinned_programs.get_mut(name),
+        }
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -353,7 +457,6 @@ impl Kernel {
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = self
-                .ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
@@ -366,7 +469,6 @@ impl Kernel {
         }
         let name = programs::SOCK_CREATE;
         let p: &mut CgroupSock = self
-            .ebpf
             .program_mut(name)
             .ok_or(KernelError::MissingProgram(name))?
             .try_into()
@@ -381,7 +483,6 @@ impl Kernel {
             (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
         ] {
             let p: &mut CgroupSkb = self
-                .ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
@@ -396,7 +497,12 @@ impl Kernel {
         for p in &self.unix_progs {
             raw.push((p.name, p.attach(cgroup)?));
         }
-        Ok(CgroupLinks { links, raw })
+        Ok(CgroupLinks {
+            links,
+            raw,
+            pin_dir: None,
+            unpin_on_drop: false,
+        })
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
@@ -548,4 +654,37 @@ fn drain<K: aya::Pod>(
         ignore_missing(map.remove(&k))?;
     }
     Ok(out)
+}
+
+/// The maps the agent reads and writes, however they were opened.
+struct Maps {
+    instances: HashMap<MapData, u64, InstanceState>,
+    net4: LpmTrie<MapData, Net4Key, NetRule>,
+    net6: LpmTrie<MapData, Net6Key, NetRule>,
+    unix: LpmTrie<MapData, UnixKey, PathRule>,
+    stats: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
+    events: RingBuf<MapData>,
+}
+
+impl Maps {
+    fn open(
+        take: &mut dyn FnMut(&'static str) -> Result<Map, KernelError>,
+    ) -> Result<Self, KernelError> {
+        Ok(Self {
+            instances: HashMap::try_from(take(maps::INSTANCES)?)
+                .map_err(map_err(maps::INSTANCES))?,
+            net4: LpmTrie::try_from(take(maps::NET4_RULES)?).map_err(map_err(maps::NET4_RULES))?,
+            net6: LpmTrie::try_from(take(maps::NET6_RULES)?).map_err(map_err(maps::NET6_RULES))?,
+            unix: LpmTrie::try_from(take(maps::UNIX_RULES)?).map_err(map_err(maps::UNIX_RULES))?,
+            stats: PerCpuArray::try_from(take(maps::STATS)?).map_err(map_err(maps::STATS))?,
+            syscalls: PerCpuHashMap::try_from(take(maps::SYSCALLS)?)
+                .map_err(map_err(maps::SYSCALLS))?,
+            bytes: PerCpuHashMap::try_from(take(maps::BYTES)?).map_err(map_err(maps::BYTES))?,
+            files: LpmTrie::try_from(take(maps::FILE_RULES)?).map_err(map_err(maps::FILE_RULES))?,
+            events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
+        })
+    }
 }
