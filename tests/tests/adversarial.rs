@@ -471,6 +471,17 @@ fn pid_reuse_does_not_carry_attribution_across_instances() {
     let (_lb, pb) = tcp_listener();
     let sc_a = Scenario::new("adv-pid-a", &policy("adv-a", &[], &[], &[]));
     let sc_b = Scenario::new("adv-pid-b", &policy("adv-b", &[], &[], &[]));
+    // B first, warmed up (its agent's threads, which take pids too, exist
+    // before P is known); then A's child gets pid P, is denied and exits.
+    let tb = format!("127.0.0.1:{pb}");
+    let mut child_b = start(&sc_b, &[&["pid-reuse", "0", "tcp-connect", &tb]]);
+    let mut sin = child_b.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child_b.stdout.take().expect("stdout")).lines();
+    for _ in 0..3 {
+        sin.write_all(b"0\n").expect("write to B");
+        sin.flush().expect("flush");
+        lines.next().expect("B's line").expect("read B");
+    }
     let ta = format!("127.0.0.1:{pa}");
     let child_a = start(&sc_a, &[&["fork-pid", "tcp-connect", &ta], &["wait-stdin"]]);
     let mut pid = 0u64;
@@ -482,17 +493,19 @@ fn pid_reuse_does_not_carry_attribution_across_instances() {
             .unwrap_or(0);
         pid != 0
     });
-    let tb = format!("127.0.0.1:{pb}");
-    let p = pid.to_string();
-    let mut child_b = start(&sc_b, &[&["pid-reuse", &p, "tcp-connect", &tb]]);
-    let mut sin = child_b.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(child_b.stdout.take().expect("stdout")).lines();
     let mut hit = None;
     let mut misses = Vec::new();
-    for _ in 0..500 {
+    // Other processes on a busy host may take the pid between our write and
+    // B's fork, or hold it for a while: retry, and wait while it is taken.
+    for _ in 0..3000 {
+        while Path::new(&format!("/proc/{pid}")).exists() && misses.len() < 3000 {
+            misses.push(format!("pid {pid} taken"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
             .expect("write ns_last_pid");
-        sin.write_all(b"go\n").expect("write to B");
+        sin.write_all(format!("{pid}\n").as_bytes())
+            .expect("write to B");
         sin.flush().expect("flush");
         let l = lines.next().expect("B's line").expect("read B");
         misses.push(l.clone());
@@ -504,7 +517,7 @@ fn pid_reuse_does_not_carry_attribution_across_instances() {
     drop(sin);
     let hit = hit.unwrap_or_else(|| {
         panic!(
-            "could not get pid {pid} again in 500 tries (a busy host?): {:?}",
+            "could not get pid {pid} again in 3000 tries (a busy host?): {:?}",
             &misses[..misses.len().min(10)]
         )
     });

@@ -256,7 +256,7 @@ fn fork_with_pid(op: &[String]) -> String {
 }
 
 /// PID reuse: for every line read on stdin, fork a child; the child whose
-/// pid is `target` runs `op` and reports `hit <result> pid=N`; the others
+/// pid is `target` (or the pid the line names) runs `op` and reports `hit <result> pid=N`; the others
 /// report `miss pid=N`. Each line is written (and flushed) as it happens,
 /// so the test can steer the kernel's next pid between attempts. Stops at
 /// the first hit or at end of input.
@@ -264,9 +264,11 @@ fn pid_reuse(target: i32, op: &[String]) -> String {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
-        if line.is_err() {
+        let Ok(line) = line else {
             break;
-        }
+        };
+        // A line may name the target pid (so the test can warm us up first).
+        let target = line.trim().parse().unwrap_or(target);
         let mut fds = [0; 2];
         // SAFETY: single-threaded here; the child runs one op and _exits.
         let reply = unsafe {
