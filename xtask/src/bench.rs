@@ -196,9 +196,9 @@ fn foreign_agents() -> usize {
         .unwrap_or(0)
 }
 
-/// Wait (up to 20 s) until no other mcp-warden runs; whether that happened.
+/// Wait (up to 5 s) until no other mcp-warden runs; whether that happened.
 fn quiet_host() -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while foreign_agents() > 0 {
         if Instant::now() > deadline {
             return false;
@@ -718,7 +718,7 @@ fn render(ctx: &Ctx, m: &Machine, r: &Results) -> String {
     let _ = writeln!(
         s,
         "- other mcp-warden agents (other users' test runs) attach the same global \
-         tracepoints: the bench waits up to 20 s for none before each baseline; {} of {} \
+         tracepoints: the bench waits up to 5 s for none before each baseline; {} of {} \
          baseline samples still had one running (their cost then counts in the \
          baseline and makes the ratios look better than they are)",
         r.tainted, r.baselines
