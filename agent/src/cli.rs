@@ -51,6 +51,17 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
     },
+    /// Rewrite an MCP client's JSON config (Claude Desktop, VS Code,
+    /// Cursor) so each local server runs through `mcp-warden run`.
+    WrapConfig {
+        file: PathBuf,
+        /// Print the change as a unified diff and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The mcp-warden the client should start (default: this binary).
+        #[arg(long, value_name = "PATH")]
+        warden: Option<String>,
+    },
     /// Let a tool call that waits for approval run.
     Approve { id: String },
     /// Refuse a tool call that waits for approval.
@@ -70,6 +81,10 @@ struct RunCmd {
     /// Also write the events of this server to FILE (JSON lines).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Standalone only: serve Prometheus /metrics on ADDR while the server
+    /// runs (the end-to-end test; the agent service has its own).
+    #[arg(long, value_name = "ADDR", hide = true)]
+    metrics: Option<std::net::SocketAddr>,
     /// The server command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -84,6 +99,7 @@ pub fn main() -> ExitCode {
             server: r.server,
             events: r.events,
             cmd: r.cmd,
+            metrics: r.metrics,
         }),
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Demo => crate::demo::main(),
@@ -94,6 +110,11 @@ pub fn main() -> ExitCode {
             server,
             log,
         } => crate::status::events_main(follow, server, log),
+        Cmd::WrapConfig {
+            file,
+            dry_run,
+            warden,
+        } => crate::wrap::main(&file, dry_run, warden),
         Cmd::Approve { id } => crate::approval::cli("approve", Some(&id)),
         Cmd::Deny { id } => crate::approval::cli("deny", Some(&id)),
         Cmd::Approvals => crate::approval::cli("list", None),

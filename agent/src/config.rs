@@ -48,6 +48,9 @@ pub struct Config {
     pub cgroup_parent: String,
     /// How often the policy directory is checked for changes, milliseconds.
     pub policy_poll_ms: u64,
+    /// Prometheus endpoint (`ADDR:PORT`), loopback by default; `"off"`
+    /// serves none.
+    pub metrics_listen: String,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             allow_user_policies: false,
             cgroup_parent: crate::confine::cgroup::PARENT.to_string(),
             policy_poll_ms: 2000,
+            metrics_listen: crate::metrics_http::DEFAULT_METRICS_ADDR.to_string(),
         }
     }
 }

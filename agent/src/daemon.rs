@@ -184,6 +184,32 @@ pub struct Agent {
     started: String,
 }
 
+/// Serve /metrics. A failure to bind is loud but never stops enforcement.
+async fn spawn_metrics(agent: Arc<Agent>) {
+    let listen = agent.cfg.metrics_listen.trim();
+    if listen.eq_ignore_ascii_case("off") {
+        log::info!("metrics endpoint off (metrics_listen = \"off\")");
+        return;
+    }
+    let addr: std::net::SocketAddr = match listen.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("metrics_listen {listen:?}: {e}; no metrics endpoint");
+            return;
+        }
+    };
+    match crate::metrics_http::MetricsListener::bind(addr).await {
+        Ok(l) => {
+            let metrics = agent.host.metrics().clone();
+            let a = agent.clone();
+            let refresh: crate::metrics_http::BeforeScrape =
+                Arc::new(move || a.host.refresh_lost());
+            tokio::spawn(l.serve_with(metrics, Some(refresh), std::future::pending::<()>()));
+        }
+        Err(e) => log::error!("metrics endpoint: {e}; enforcement continues without it"),
+    }
+}
+
 async fn run(cfg: Config) -> Result<(), DaemonError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DaemonError::NotRoot);
@@ -239,6 +265,7 @@ async fn run(cfg: Config) -> Result<(), DaemonError> {
         "socket": agent.cfg.socket,
     }));
     tokio::spawn(srv::serve(listener, agent.clone()));
+    spawn_metrics(agent.clone()).await;
     tokio::spawn(reaper(agent.clone()));
     tokio::spawn(policy_poller(agent.clone()));
 

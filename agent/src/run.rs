@@ -21,6 +21,8 @@ pub struct RunArgs {
     pub server: Option<String>,
     pub events: Option<PathBuf>,
     pub cmd: Vec<OsString>,
+    /// Standalone only: serve /metrics on this address while the server runs.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub enum RunError {
     Account(u32, String),
     #[error("relay: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics_http::MetricsHttpError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -162,10 +166,23 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
     }
     let sinks = standalone_sinks(args.events.as_ref())?;
     let host = Host::start(sinks)?;
+    let metrics_http = match args.metrics {
+        Some(addr) => {
+            let l = crate::metrics_http::MetricsListener::bind(addr).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(l.serve(host.metrics().clone(), stopped));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let inst = host
         .launch(policy.clone(), &args.cmd, instance_info(&policy))
         .await?;
     let code = serve_stdio(&host, inst).await?;
+    if let Some((stop, task)) = metrics_http {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     host.shutdown().await?;
     Ok(code)
 }

@@ -172,7 +172,7 @@ impl Agent {
 
     /// Wait until the audit log has at least `n` events matching `pairs`.
     fn wait_events(&self, n: usize, pairs: &[(&str, Value)]) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ev = self.events(pairs);
             if ev.len() >= n {
@@ -282,13 +282,13 @@ impl RunClient {
 
     fn next_line(&mut self) -> String {
         self.lines
-            .recv_timeout(Duration::from_secs(15))
+            .recv_timeout(Duration::from_secs(60))
             .expect("a line from the probe")
     }
 
     fn wait(mut self) -> i32 {
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 return st.code().unwrap_or(-1);
@@ -317,7 +317,7 @@ fn instances(status: &Value) -> Vec<Value> {
 }
 
 fn wait_for<F: FnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
@@ -497,7 +497,7 @@ fn unprivileged_user_runs_through_the_agent() {
     assert!(stderr.contains("DENY net connect"), "{stderr}");
 
     // `events --follow` as the same user streamed the denial live.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut streamed = None;
     while streamed.is_none() && Instant::now() < deadline {
         if let Ok(v) = frx.recv_timeout(Duration::from_millis(200)) {
