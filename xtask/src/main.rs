@@ -3,9 +3,11 @@
 //! - `setup`: install what the build, the demo and the tests need (idempotent).
 //! - `demo`: setup, build the agent, run `mcp-warden demo`.
 //! - `test`: the whole suite, as CI runs it.
+//! - `bench`: measure against same-run baselines, write BENCHMARKS.md.
 //! - `vm`: run a command inside a QEMU guest on a stock Debian kernel with
 //!   BPF-LSM active, sharing the host's root filesystem.
 
+mod bench;
 mod cmd;
 mod cpio;
 mod setup;
@@ -41,6 +43,9 @@ enum Command {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Measure overheads against baselines taken in the same run and write
+    /// BENCHMARKS.md (root, release build).
+    Bench(bench::BenchArgs),
     /// Run CMD as root in a VM booted on a Debian cloud kernel with BPF-LSM,
     /// with the host's root filesystem shared; exit with CMD's status.
     Vm(vm::VmArgs),
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Command::Demo => demo(),
         Command::Test { no_vm } => test::run(!no_vm),
+        Command::Bench(args) => bench::run(&args),
         Command::Vm(args) => vm::run(&args).map(exit_code),
     };
     match result {

@@ -3,7 +3,7 @@
 //! Every item first checks whether it is already there and says so in one
 //! line; only missing items are installed, so a second run changes nothing and
 //! takes seconds. Nothing is installed system-wide except Debian packages,
-//! rustup components and `cargo install bpf-linker`; the Python venv and the
+//! rustup components and `cargo install` of bpf-linker and cargo-fuzz; the Python venv and the
 //! npm servers live under the repository (git-ignored).
 
 use std::path::Path;
@@ -61,6 +61,7 @@ pub fn run() -> Result<()> {
     node()?;
     rust_toolchains()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     python_venv(&root)?;
     npm_servers(&root)?;
     for kernel in vm::Kernel::ALL {
@@ -198,6 +199,18 @@ fn bpf_linker() -> Result<()> {
         ])
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("PATH", path)
+        .check()
+}
+
+/// cargo-fuzz drives the fuzz targets in agent/fuzz (nightly, libFuzzer).
+fn cargo_fuzz() -> Result<()> {
+    if Cmd::new("cargo").args(["fuzz", "--version"]).succeeds() {
+        ok("cargo-fuzz");
+        return Ok(());
+    }
+    installing("cargo-fuzz (cargo install)");
+    Cmd::new("cargo")
+        .args(["install", "--locked", "cargo-fuzz"])
         .check()
 }
 

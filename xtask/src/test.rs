@@ -64,6 +64,11 @@ pub fn run(with_vm: bool) -> Result<ExitCode> {
             .args(["--exclude", E2E_PACKAGE])
             .check()
     });
+    for target in FUZZ_TARGETS {
+        step(&format!("fuzz {target} ({FUZZ_SECONDS} s)"), &|| {
+            fuzz(&root, target)
+        });
+    }
     step("e2e tests (host kernel)", &|| {
         // The suites run the real `mcp-warden` binary: build it first.
         cmd::cargo(&root)
@@ -101,6 +106,30 @@ pub fn run(with_vm: bool) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// cargo-fuzz targets in agent/fuzz, each run for [`FUZZ_SECONDS`] per test run.
+const FUZZ_TARGETS: [&str; 2] = ["relay_framing", "policy_parse"];
+const FUZZ_SECONDS: u32 = 25;
+
+/// A bounded fuzz run: the target's seeds plus its corpus (kept between
+/// runs, git-ignored). A crash fails the step; libFuzzer writes the input to
+/// agent/fuzz/artifacts/TARGET/, which then becomes a regression test.
+fn fuzz(root: &Path, target: &str) -> Result<()> {
+    let dir = root.join("agent/fuzz");
+    let corpus = dir.join("corpus").join(target);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    Cmd::new("cargo")
+        .args(["+nightly", "fuzz", "run", target])
+        .arg(&corpus)
+        .arg(dir.join("seeds").join(target))
+        .args([
+            "--",
+            &format!("-max_total_time={FUZZ_SECONDS}"),
+            "-print_final_stats=1",
+        ])
+        .current_dir(&dir)
+        .check()
 }
 
 /// Lint the kernel crate for its own target, alone, so that feature

@@ -214,6 +214,125 @@ impl InstanceCgroup {
     }
 }
 
+/// A watchdog process that ends an instance's tree if the agent dies
+/// without tearing it down (SIGKILL, crash, OOM kill).
+///
+/// The kernel detaches the instance's cgroup hooks when the agent's link
+/// descriptors close, so a server that outlived its agent would run with no
+/// network enforcement (Landlock and seccomp stay, being per process). The
+/// guardian is a forked child outside the instance cgroup, in its own session
+/// and with every catchable signal blocked; it blocks reading a pipe whose
+/// only write end the agent holds (close-on-exec, so no server inherits it).
+/// When that read returns, the agent is gone or dropped this guard: the
+/// guardian writes `cgroup.kill` and removes the empty cgroup. Dropping the
+/// guard after a normal teardown makes it exit at once (the cgroup is gone),
+/// and the drop reaps it.
+///
+/// What remains: between the agent's death (its links close) and the
+/// guardian's write there is a window of the guardian's wake-up latency
+/// (microseconds) in which a connect of the dying tree is not judged.
+#[derive(Debug)]
+pub struct Guardian {
+    pipe: Option<std::os::fd::OwnedFd>,
+    pid: libc::pid_t,
+}
+
+impl InstanceCgroup {
+    /// Start the [`Guardian`] of this cgroup.
+    pub fn guard(&self) -> Result<Guardian, CgroupError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+        let kill = self.path.join("cgroup.kill");
+        let dir = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|e| io_err("guard", &self.path)(io::Error::other(e)))?;
+        let kill_file = fs::OpenOptions::new()
+            .write(true)
+            .open(&kill)
+            .map_err(io_err("open", &kill))?;
+        let mut fds = [0; 2];
+        // SAFETY: plain syscall with a valid array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io_err("pipe for the guardian of", &self.path)(
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fresh descriptors we own.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (rfd, kfd) = (rd.as_raw_fd(), kill_file.as_raw_fd());
+        // SAFETY: the child makes only async-signal-safe syscalls on data
+        // prepared before the fork, and never returns.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io_err("fork the guardian of", &self.path)(
+                io::Error::last_os_error(),
+            ));
+        }
+        if pid == 0 {
+            // SAFETY: see above; the child ends in _exit.
+            unsafe {
+                libc::setsid();
+                libc::prctl(libc::PR_SET_NAME, c"mw-guardian".as_ptr());
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+                libc::dup2(rfd, 0);
+                libc::dup2(kfd, 1);
+                libc::syscall(libc::SYS_close_range, 2u32, u32::MAX, 0u32);
+                let mut b = [0u8; 1];
+                loop {
+                    let n = libc::read(0, b.as_mut_ptr().cast(), 1);
+                    if n == 1 && b[0] == DISARM {
+                        libc::_exit(0);
+                    }
+                    if n >= 0 || *libc::__errno_location() != libc::EINTR {
+                        break;
+                    }
+                }
+                libc::write(1, b"1".as_ptr().cast(), 1);
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 10_000_000,
+                };
+                for _ in 0..500 {
+                    if libc::rmdir(dir.as_ptr()) == 0 || *libc::__errno_location() != libc::EBUSY {
+                        break;
+                    }
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
+                libc::_exit(0);
+            }
+        }
+        Ok(Guardian {
+            pipe: Some(wr),
+            pid,
+        })
+    }
+}
+
+/// The byte that tells a guardian to exit without killing anything.
+const DISARM: u8 = b'd';
+
+impl Guardian {
+    /// Let the tree outlive this process (it is handed over, e.g. kept
+    /// confined by pinned links): the guardian exits without killing.
+    pub fn disarm(mut self) {
+        use std::io::Write as _;
+        if let Some(p) = self.pipe.take() {
+            let mut f = File::from(p);
+            let _ = f.write_all(&[DISARM]);
+        }
+    }
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        drop(self.pipe.take());
+        let mut st = 0;
+        // SAFETY: waiting for our own child, which exits once the pipe closes.
+        unsafe { libc::waitpid(self.pid, &mut st, 0) };
+    }
+}
+
 impl Drop for InstanceCgroup {
     fn drop(&mut self) {
         if let Err(e) = self.remove_inner() {

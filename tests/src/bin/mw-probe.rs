@@ -9,6 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "probe/adv.rs"]
+mod adv;
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
 }
@@ -329,7 +332,7 @@ fn run_op(args: &[String]) -> String {
         "exec" => exec_op(&a(1)),
         "list" => io(std::fs::read_dir(a(1)).map(drop)),
         "daemonize" => return daemonize_op(&a(1), &args[2..]),
-        other => return format!("unknown-op={other}"),
+        other => return adv::run(args).unwrap_or_else(|| format!("unknown-op={other}")),
     };
     report(r)
 }
