@@ -3,7 +3,7 @@
 //! let through (1). Payload = IP length minus the IP and TCP/UDP headers, so
 //! a tool call's figure is what its sockets carried, not framing overhead.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::bpf_skb_cgroup_id,
     macros::{cgroup_skb, map},
     maps::PerCpuHashMap,
@@ -14,7 +14,8 @@ use mcp_warden_common::{kind, BytesKey, InstanceState, DIR_EGRESS, DIR_INGRESS};
 use crate::{event::count_lost, maps::INSTANCES};
 
 #[map(name = "mw_bytes")]
-static BYTES: PerCpuHashMap<BytesKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+static BYTES: PerCpuHashMap<BytesKey, u64> =
+    PerCpuHashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;

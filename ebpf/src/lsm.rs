@@ -159,6 +159,7 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
 
 /// Return value and event for a verdict on the scratch path.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // one hook's whole context, passed flat for the verifier
 fn verdict(
     s: &Scratch,
     cg: u64,

@@ -2,7 +2,7 @@
 //! each finished tool call gets its exact syscall counts (shared when calls
 //! overlapped). Counting only: never changes an outcome.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::{map, raw_tracepoint},
     maps::PerCpuHashMap,
     programs::RawTracePointContext,
@@ -11,10 +11,12 @@ use mcp_warden_common::{kind, SyscallKey};
 
 use crate::{event::count_lost, maps::current_instance};
 
-/// Drained by userspace after each call ends; 64k entries of
-/// (instance, epoch, syscall).
+/// Drained by userspace after each call ends; up to 16k entries of
+/// (instance, epoch, syscall), allocated on use (a preallocated per-CPU
+/// table cost a quarter of the agent's start).
 #[map(name = "mw_syscalls")]
-static SYSCALLS: PerCpuHashMap<SyscallKey, u64> = PerCpuHashMap::with_max_entries(65536, 0);
+static SYSCALLS: PerCpuHashMap<SyscallKey, u64> =
+    PerCpuHashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn mw_sys_enter(ctx: RawTracePointContext) -> i32 {

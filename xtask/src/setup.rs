@@ -62,6 +62,7 @@ pub fn run() -> Result<()> {
     rust_toolchains()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    cargo_deb()?;
     python_venv(&root)?;
     npm_servers(&root)?;
     for kernel in vm::Kernel::ALL {
@@ -211,6 +212,18 @@ fn cargo_fuzz() -> Result<()> {
     installing("cargo-fuzz (cargo install)");
     Cmd::new("cargo")
         .args(["install", "--locked", "cargo-fuzz"])
+        .check()
+}
+
+/// cargo-deb builds the .deb the package test installs.
+fn cargo_deb() -> Result<()> {
+    if Cmd::new("cargo").args(["deb", "--version"]).succeeds() {
+        ok("cargo-deb");
+        return Ok(());
+    }
+    installing("cargo-deb (cargo install)");
+    Cmd::new("cargo")
+        .args(["install", "--locked", "cargo-deb", "--version", "3.8.0"])
         .check()
 }
 

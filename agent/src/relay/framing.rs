@@ -91,7 +91,7 @@ impl Framer {
             return None;
         }
         let from = self.scanned.max(self.start);
-        let newline = self.buf[from..].iter().position(|&b| b == b'\n');
+        let newline = memchr::memchr(b'\n', &self.buf[from..]);
         match newline {
             Some(off) => {
                 let end = from + off + 1;
