@@ -8,7 +8,10 @@
 //! them on stock Debian kernels with BPF-LSM active.
 use std::path::Path;
 
-use mcp_warden_tests::{assert_no_leftover_cgroups, target_dir, Run, Scenario, TempDir};
+use mcp_warden_tests::{
+    assert_no_leftover_cgroups, python_read_rules, repo_root, sdk_drive, target_dir, venv_python,
+    Run, Scenario, TempDir,
+};
 use serde_json::{json, Value};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mw-probe");
@@ -392,4 +395,47 @@ fn other_processes_environ() {
         e["decision"] == "deny" && (e["op"] == "ptrace" || e["path"] == json!("/proc/1/environ"))
     });
     assert!(refused, "{:#?}", run.events);
+}
+
+/// Per tool, through the relay and the official MCP Python SDK: a tool's
+/// file right holds only while a call of that tool is in flight (the
+/// kernel's rule masks, switched per call).
+#[test]
+fn a_tools_file_right_holds_only_during_its_calls() {
+    let t = tree("lsm-tool");
+    let r = &t.root;
+    let pol = format!(
+        "version = 1\nserver = \"filetest\"\n\n[files]\n{}\n\n[tools.read_file.files]\nread = [{}]\n",
+        python_read_rules(),
+        q(&[format!("{r}/srv/**")])
+    );
+    let sc = Scenario::new("lsm-tool", &pol);
+    let f = format!("{r}/srv/a");
+    let steps = json!([
+        {"tool": "read_file", "args": {"path": f}},
+        {"tool": "peek_file", "args": {"path": f}},
+        {"tool": "read_file", "args": {"path": f}},
+    ]);
+    let cmd = [
+        venv_python().display().to_string(),
+        repo_root()
+            .join("tests/fixtures/sdk/tool_server.py")
+            .display()
+            .to_string(),
+    ];
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (results, run) = sdk_drive(&sc, &steps, &cmd);
+    if started(&run)["backend"] != "bpf-lsm" {
+        // Fallback: Landlock holds the union of the tools' rules, so the
+        // per-call narrowing of files is the BPF-LSM backend's.
+        eprintln!("files_lsm: fallback backend here; per-tool file rights need the VM lane");
+        return;
+    }
+    assert_eq!(results.len(), 3, "results {results:#?}\nrun {run:?}");
+    assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert_eq!(results[1]["text"], "errno=1", "{results:#?}");
+    assert_eq!(results[2]["text"], "ok", "{results:#?}");
+    let e = assert_deny(&run, "file", "open", &f);
+    assert_eq!(e["tool"], "peek_file", "{e}");
+    assert!(e["call_id"].is_number(), "{e}");
 }
