@@ -404,9 +404,16 @@ fn other_processes_environ() {
 fn a_tools_file_right_holds_only_during_its_calls() {
     let t = tree("lsm-tool");
     let r = &t.root;
+    // BPF-LSM judges resolved paths (bpf_d_path): a symlinked venv needs
+    // its real directory.
+    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
+    let read = python_read_rules().replacen(
+        "read = [",
+        &format!("read = [{:?}, ", format!("{}/**", venv.display())),
+        1,
+    );
     let pol = format!(
-        "version = 1\nserver = \"filetest\"\n\n[files]\n{}\n\n[tools.read_file.files]\nread = [{}]\n",
-        python_read_rules(),
+        "version = 1\nserver = \"filetest\"\n\n[files]\n{read}\n\n[tools.read_file.files]\nread = [{}]\n",
         q(&[format!("{r}/srv/**")])
     );
     let sc = Scenario::new("lsm-tool", &pol);
