@@ -157,19 +157,18 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
     }
 }
 
-/// Return value and event for a verdict on the scratch path.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)] // one hook's whole context, passed flat for the verifier
-fn verdict(
-    s: &Scratch,
-    cg: u64,
-    st: &InstanceState,
-    ok: bool,
+/// What is being judged, for the event: kind, operation, open flags.
+#[derive(Clone, Copy)]
+struct What {
     k: u32,
     operation: u32,
-    len: usize,
     fl: u32,
-) -> i32 {
+}
+
+/// Return value and event for a verdict on the scratch path.
+#[inline(always)]
+fn verdict(s: &Scratch, cg: u64, st: &InstanceState, ok: bool, w: What, len: usize) -> i32 {
+    let What { k, operation, fl } = w;
     let audit = st.flags & flags::AUDIT != 0;
     let (ret, dec) = if ok {
         (0, decision::ALLOW)
@@ -214,6 +213,7 @@ fn forget_pending() {
 /// Judge `dir` [/ `dentry`'s name] for `acc`.
 #[inline(always)]
 fn judge(dir: *const u8, dentry: *const u8, acc: usize, k: u32, operation: u32, fl: u32) -> i32 {
+    let w = What { k, operation, fl };
     let Some((cg, st)) = current_instance() else {
         return 0;
     };
@@ -227,15 +227,15 @@ fn judge(dir: *const u8, dentry: *const u8, acc: usize, k: u32, operation: u32, 
     } else {
         let n = dentry_name(dentry);
         if n.is_null() {
-            return verdict(s, cg, &st, false, k, operation, 0, fl);
+            return verdict(s, cg, &st, false, w, 0);
         }
         n
     };
     let Some(len) = build_path(s, dir, name) else {
-        return verdict(s, cg, &st, false, k, operation, 0, fl);
+        return verdict(s, cg, &st, false, w, 0);
     };
     let ok = allowed(s, &st, len, acc);
-    verdict(s, cg, &st, ok, k, operation, len, fl)
+    verdict(s, cg, &st, ok, w, len)
 }
 
 #[lsm(hook = "file_open")]

@@ -108,7 +108,11 @@ impl Prepared {
         by: ll::FilesBy,
     ) -> Result<Prepared, ConfineError> {
         let ruleset = ll::prepare_for(policy, cmd_path, by)?;
-        let filter = sc::prepare()?;
+        let filter = match by {
+            ll::FilesBy::Landlock => sc::prepare()?,
+            ll::FilesBy::BpfLsm => sc::prepare_for(true, true)?,
+            ll::FilesBy::BpfLsmExceptMutations => sc::prepare_for(true, false)?,
+        };
         let caps = CapDrop::new()?;
         Ok(Prepared {
             ruleset,

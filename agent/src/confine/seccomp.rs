@@ -148,8 +148,20 @@ pub struct PreparedFilter {
 
 /// Compile the filter for the running architecture.
 pub fn prepare() -> Result<PreparedFilter, SeccompError> {
+    prepare_for(false, false)
+}
+
+/// As [`prepare`], for the BPF-LSM backend: `lsm_opens` (its file_open,
+/// exec and cgroup hooks see io_uring's operations too) leaves io_uring
+/// allowed; `lsm_modes` (path_chmod / path_chown run) leaves chmod and
+/// chown to those hooks.
+pub fn prepare_for(lsm_opens: bool, lsm_modes: bool) -> Result<PreparedFilter, SeccompError> {
     let arch = target_arch()?;
-    let plain = plain_syscalls();
+    let plain: Vec<Plain> = plain_syscalls()
+        .into_iter()
+        .filter(|(_, _, why)| !(lsm_opens && *why == WHY_URING))
+        .filter(|(_, _, why)| !(lsm_modes && *why == WHY_MODE))
+        .collect();
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut lines: Vec<SeccompLine> = Vec::new();
     for (name, nr, why) in &plain {

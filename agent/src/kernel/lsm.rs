@@ -131,6 +131,7 @@ mod tests {
         }
         let b = Btf::from_sys_fs().unwrap();
         let o = offsets(&b).unwrap();
+        eprintln!("offsets on this kernel: {:?}", o.0);
         assert_eq!(o.0.len(), WANTED.len());
         for (name, v) in &o.0 {
             assert!(*v > 0 || *name == "MW_OFF_KERNFS_NODE_ID", "{name} = {v}");

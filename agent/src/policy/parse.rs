@@ -104,6 +104,10 @@ impl Cx<'_> {
     /// resolutions and point an overflowing entry at the rule that names
     /// its address (or, failing that, the first network containing it).
     fn compile_check(&mut self, policy: &Policy) {
+        // The BPF-LSM file entries have limits too (nesting, key length).
+        if let Err(e) = super::compile::compile_files(policy, 0, &[]) {
+            self.err(None, e.to_string());
+        }
         let Err(e) = compile_net(policy, 0, &HashMap::new()) else {
             return;
         };
