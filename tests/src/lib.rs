@@ -185,9 +185,16 @@ impl Scenario {
     }
 }
 
+/// The complete records of a JSON-lines file. A last line without its
+/// newline is a record still being written (or cut by a killed writer) and
+/// is left out; every complete line must parse.
 pub fn read_events(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}")))
         .collect()
