@@ -197,6 +197,9 @@ impl Host {
             self.metrics.clone(),
             account_tx,
         )?);
+        // Audit mode judges execs in userspace: the launched command and its
+        // interpreters are always allowed (learn/audit plumbing).
+        session.set_launched(&cmd_path);
         let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
         let links = {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;

@@ -75,6 +75,9 @@ pub struct Session {
     sinks: Arc<Mutex<Sinks>>,
     metrics: Metrics,
     account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    /// Audit mode: the launched command and its interpreters, always
+    /// executable (set by the host at launch).
+    launched: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -137,7 +140,23 @@ impl Session {
             sinks,
             metrics,
             account_tx,
+            launched: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Audit mode: the launched command and its interpreter chain, which
+    /// are always allowed to run (as on the enforcing backends).
+    pub fn set_launched(&self, cmd_path: &std::path::Path) {
+        let chain = match crate::confine::landlock::exec_chain(cmd_path) {
+            Ok((chain, _)) => chain,
+            Err(_) => vec![cmd_path.to_path_buf()],
+        };
+        if let Ok(mut l) = self.launched.lock() {
+            *l = chain
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+        }
     }
 
     pub fn info(&self) -> &InstanceInfo {
@@ -193,6 +212,9 @@ impl Session {
     /// A `tools/call` of `tool` with request id `id` is about to be
     /// forwarded: its rules are in force when this returns Ok.
     pub fn call_begin(&self, id: &Value, tool: &str) -> Result<(), SessionError> {
+        if self.policy.mode == Mode::Audit && !self.policy.tool_allowed(tool) {
+            self.audit_undeclared_call(id, tool);
+        }
         let mut st = self.state.lock().map_err(|_| SessionError::Poisoned)?;
         st.in_flight.push(InFlight {
             id: id.clone(),
@@ -342,7 +364,21 @@ impl Session {
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
-        let rec = events::kernel_record(ev, &self.info, &attr);
+        // Audit mode: file and exec operations are judged here (the kernel
+        // only observed them); allowed ones are dropped unless asked for.
+        let Some((judged, resolved)) = self.judge_audit(ev, &attr) else {
+            return;
+        };
+        let ev = &judged;
+        let mut rec = events::kernel_record(ev, &self.info, &attr);
+        if let (Some(path), Value::Object(m)) = (resolved, &mut rec) {
+            if let Some(Value::String(passed)) = m.get("path").cloned() {
+                if passed != path {
+                    m.insert("path_as_passed".into(), Value::String(passed));
+                }
+            }
+            m.insert("path".into(), Value::String(path));
+        }
         if ev.decision != decision::ALLOW {
             self.metrics
                 .violations
@@ -366,6 +402,75 @@ impl Session {
         }
     }
 
+    /// Audit mode (`mode = "audit"`): the kernel reported a file operation
+    /// or an exec without judging it (no Landlock ruleset is applied). Judge
+    /// it against the server's rules and those of the tools in flight: a
+    /// would-be denial becomes `decision = audit`. Returns the event to
+    /// record and the resolved path, or None to drop an allowed operation
+    /// (unless EMIT_ALLOWED asks for those). Other events pass unchanged.
+    fn judge_audit(&self, ev: &Event, attr: &Attribution) -> Option<(Event, Option<String>)> {
+        use crate::policy::judge::{allowed, Access};
+        use mcp_warden_common::{kind, op};
+        let file = ev.kind == kind::FILE && ev.decision == decision::ALLOW;
+        let exec = ev.kind == kind::PROC && ev.op == op::EXEC;
+        if self.policy.mode != Mode::Audit || !(file || exec) {
+            return Some((*ev, None));
+        }
+        let passed = {
+            let end = ev
+                .path
+                .iter()
+                .position(|c| *c == 0)
+                .unwrap_or(ev.path.len());
+            String::from_utf8_lossy(&ev.path[..end]).into_owned()
+        };
+        let follow = exec || ev.op == op::OPEN;
+        let dirfd = if exec { -100 } else { ev.family as i32 };
+        let resolved = events::resolve::resolve(ev.pid, dirfd, &passed, follow);
+        let accesses: &[Access] = if exec {
+            &[Access::Exec]
+        } else if ev.op == op::OPEN {
+            let fl = ev.protocol as i32;
+            let write = fl & (libc::O_CREAT | libc::O_TRUNC) != 0;
+            match fl & libc::O_ACCMODE {
+                libc::O_WRONLY => &[Access::Write],
+                libc::O_RDWR => &[Access::Read, Access::Write],
+                _ if write => &[Access::Read, Access::Write],
+                _ => &[Access::Read],
+            }
+        } else {
+            &[Access::Write]
+        };
+        let sets: Vec<&crate::policy::Rules> = std::iter::once(&self.policy.rules)
+            .chain(attr.calls.iter().filter_map(|(_, tool)| {
+                self.policy
+                    .tools
+                    .iter()
+                    .find(|t| &t.name == tool)
+                    .map(|t| &t.rules)
+            }))
+            .collect();
+        let launched = self.launched.lock().map(|l| l.clone()).unwrap_or_default();
+        // An unresolvable path cannot be shown to be allowed.
+        let ok = resolved
+            .as_deref()
+            .is_some_and(|p| accesses.iter().all(|a| allowed(&sets, p, *a, &launched)));
+        let mut out = *ev;
+        if !ok {
+            out.decision = decision::AUDIT;
+        } else if file && self.emit_allowed_off() {
+            return None;
+        }
+        Some((out, resolved))
+    }
+
+    fn emit_allowed_off(&self) -> bool {
+        self.state
+            .lock()
+            .map(|st| st.inst.flags & flags::EMIT_ALLOWED == 0)
+            .unwrap_or(true)
+    }
+
     /// End every process of the instance (cgroup.kill).
     pub fn kill_tree(&self, why: &str) {
         let kill = self.cgroup_path.join("cgroup.kill");
@@ -373,6 +478,31 @@ impl Session {
             Ok(()) => log::debug!("{}: ended the server tree ({why})", self.info.instance),
             Err(e) => log::error!("{}: writing {}: {e}", self.info.instance, kill.display()),
         }
+    }
+
+    /// Audit mode let through a call of a tool `tools.allow` leaves out:
+    /// report the would-be refusal and count it.
+    fn audit_undeclared_call(&self, id: &Value, tool: &str) {
+        self.metrics
+            .violations
+            .with_label_values(&[
+                self.info.server.as_str(),
+                "(undeclared)",
+                "tool_call",
+                "audit",
+            ])
+            .inc();
+        self.record(
+            "tool_call",
+            serde_json::json!({
+                "op": "call",
+                "decision": "audit",
+                "tool": tool,
+                "call_id": id,
+                "reason": format!("tool {tool:?} is not in tools.allow"),
+                "policy_source": self.policy.source,
+            }),
+        );
     }
 
     /// Record a finished (or refused) tool call.

@@ -89,6 +89,14 @@ pub struct Prepared {
     ruleset: PreparedRuleset,
     filter: PreparedFilter,
     caps: CapDrop,
+    /// `mode = "audit"`: the Landlock ruleset is built (for the report) but
+    /// not applied, since Landlock cannot report without refusing. File and
+    /// exec operations are then judged in userspace from the syscall
+    /// tracepoints (ebpf/src/audit.rs, policy::judge). The capability drop,
+    /// no_new_privs and the seccomp filter stay: they are not policy (no
+    /// policy line can grant what they refuse), so an audit run meets the
+    /// same refusals an enforce run would, and reports them as `deny`.
+    audit: bool,
 }
 
 impl Prepared {
@@ -97,13 +105,22 @@ impl Prepared {
     /// the capability drop. `cmd_path` is the file that will be executed
     /// (resolved from PATH by the caller).
     pub fn new(policy: &Policy, cmd_path: &Path) -> Result<Prepared, ConfineError> {
-        let ruleset = ll::prepare(policy, cmd_path)?;
+        let mut ruleset = ll::prepare(policy, cmd_path)?;
+        let audit = policy.mode == crate::policy::model::Mode::Audit;
+        if audit {
+            ruleset.report.warnings.push(
+                "mode = audit: the Landlock ruleset is not applied; file and exec \
+                 operations are judged against the policy in userspace and reported"
+                    .to_string(),
+            );
+        }
         let filter = sc::prepare()?;
         let caps = CapDrop::new()?;
         Ok(Prepared {
             ruleset,
             filter,
             caps,
+            audit,
         })
     }
 
@@ -134,7 +151,9 @@ impl Prepared {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            ll::restrict_self(self.ruleset.fd.as_raw_fd())?;
+            if !self.audit {
+                ll::restrict_self(self.ruleset.fd.as_raw_fd())?;
+            }
             sc::install(&self.filter.program)?;
         }
         Ok(())
