@@ -100,6 +100,9 @@ pub fn human(d: &Drift, n: u64) -> String {
         Some(t) if d.key != "tools.allow" => format!("tools.{t}.{}", d.key),
         _ => d.key.clone(),
     };
+    if d.kind == "tool_call" {
+        return format!("tools/call {} ({times}); not in tools.allow", d.target);
+    }
     format!(
         "{} {} {} {place} ({times}); not allowed by {section}",
         d.kind, d.op, d.target
