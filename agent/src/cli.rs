@@ -28,6 +28,12 @@ enum Cmd {
     Learn(LearnCmd),
     /// Show a confined MCP server trying to exfiltrate, and the denial.
     Demo,
+    /// Let a tool call that waits for approval run.
+    Approve { id: String },
+    /// Refuse a tool call that waits for approval.
+    Deny { id: String },
+    /// List the tool calls waiting for approval.
+    Approvals,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +94,9 @@ pub fn main() -> ExitCode {
             cmd: l.cmd,
         }),
         Cmd::Demo => crate::demo::main(),
+        Cmd::Approve { id } => crate::approval::cli("approve", Some(&id)),
+        Cmd::Deny { id } => crate::approval::cli("deny", Some(&id)),
+        Cmd::Approvals => crate::approval::cli("list", None),
     };
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }

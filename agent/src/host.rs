@@ -72,6 +72,8 @@ pub struct Host {
     control: mpsc::Sender<Control>,
     reader: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
     backend: &'static str,
+    approvals: crate::approval::Approvals,
+    _approval_socket: Option<crate::approval::ServeGuard>,
 }
 
 impl Host {
@@ -99,6 +101,7 @@ impl Host {
             }
         };
         let reader = tokio::spawn(events::reader::run(ring, dispatch, control_rx));
+        let approvals = crate::approval::Approvals::default();
         Ok(Self {
             kernel: Arc::new(Mutex::new(kernel)),
             sessions,
@@ -108,6 +111,14 @@ impl Host {
             control,
             reader: Some(reader),
             backend: "fallback",
+            _approval_socket: match approvals.serve() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    log::warn!("approvals: {e}; tools that need approval will be refused");
+                    None
+                }
+            },
+            approvals,
         })
     }
 
@@ -201,6 +212,7 @@ impl Host {
         // interpreters are always allowed (learn/audit plumbing).
         session.set_launched(&cmd_path);
         let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
+        session.set_approvals(self.approvals.clone());
         let links = {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
             k.install_net(&net, None)?;

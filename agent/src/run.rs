@@ -50,6 +50,9 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// How long a server may outlive its client's stdin before its tree is ended.
+pub const CLIENT_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Exit status when mcp-warden itself could not run the server.
 pub const EXIT_SETUP_FAILED: i32 = 125;
 
@@ -151,8 +154,9 @@ pub(crate) async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, 
         return Err(RunError::Relay("child stdio not piped".into()));
     };
     let session = inst.session.clone();
+    let (client_in, client_gone) = crate::relay::eof::EofNotify::new(tokio::io::stdin());
     let relay = tokio::spawn(crate::relay::relay(
-        tokio::io::stdin(),
+        client_in,
         tokio::io::stdout(),
         child_in,
         child_out,
@@ -162,8 +166,28 @@ pub(crate) async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // Nothing outlives its session: once the client has gone away (our stdin
+    // ended, so the server's stdin is closed), the server has a grace period
+    // to exit by itself; then its whole tree is ended.
+    let grace = async {
+        if client_gone.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(CLIENT_GONE_GRACE).await;
+    };
+    tokio::pin!(grace);
+    let mut grace_fired = false;
     let code = loop {
         tokio::select! {
+            _ = &mut grace, if !grace_fired => {
+                grace_fired = true;
+                log::info!(
+                    "{}: the client went away {} s ago; ending the server tree",
+                    inst.session.info().instance,
+                    CLIENT_GONE_GRACE.as_secs()
+                );
+                inst.session.kill_tree("the client went away");
+            }
             st = inst.child.wait() => {
                 let st = st?;
                 break exit_code(st);

@@ -22,6 +22,9 @@ use crate::{
     policy::{Mode, OnViolation, Policy},
 };
 
+/// `direction` label values of the network byte counters, by index.
+const DIRECTIONS: [&str; 2] = ["egress", "ingress"];
+
 /// How many epochs of attribution history are kept. Events older than this
 /// (a reader far behind the kernel) are attributed as unknown, never guessed.
 const HISTORY: usize = 65_536;
@@ -48,6 +51,10 @@ struct State {
     in_flight: Vec<InFlight>,
     /// (epoch, calls in flight during it), oldest first.
     history: VecDeque<(u64, Vec<(Value, String)>)>,
+    /// Epochs during which the closed-world restriction was in force.
+    closed_world_epochs: std::collections::BTreeSet<u64>,
+    /// Tool annotations from the server's tools/list.
+    annotations: BTreeMap<String, crate::relay::ToolAnnotations>,
     /// Syscall accounting of calls in flight or ended and not yet drained,
     /// keyed by the call id's JSON text.
     acct: HashMap<String, CallAcct>,
@@ -58,6 +65,8 @@ struct State {
 struct CallAcct {
     tool: String,
     counts: BTreeMap<u32, u64>,
+    /// Network payload bytes: [egress, ingress].
+    bytes: [u64; 2],
     /// Another call was in flight during some of it: counts are shared.
     shared: bool,
     /// Set when the call ended: its record, and the epoch it ended at.
@@ -78,6 +87,11 @@ pub struct Session {
     /// Audit mode: the launched command and its interpreters, always
     /// executable (set by the host at launch).
     launched: Mutex<Vec<String>>,
+    /// The MCP client's name and version from the handshake, stamped on
+    /// every record once known (identity across a fleet).
+    client: Mutex<Value>,
+    /// Where calls of `[mcp] approval` tools wait for a person.
+    approvals: std::sync::OnceLock<crate::approval::Approvals>,
 }
 
 impl std::fmt::Debug for Session {
@@ -135,12 +149,16 @@ impl Session {
                 inst,
                 in_flight: Vec::new(),
                 history,
+                closed_world_epochs: Default::default(),
+                annotations: BTreeMap::new(),
                 acct: HashMap::new(),
             }),
             sinks,
             metrics,
             account_tx,
             launched: Mutex::new(Vec::new()),
+            client: Mutex::new(Value::Null),
+            approvals: std::sync::OnceLock::new(),
         })
     }
 
@@ -156,6 +174,71 @@ impl Session {
                 .iter()
                 .map(|p| p.to_string_lossy().into_owned())
                 .collect();
+        }
+    }
+
+    /// Connect the session to its agent's approval service.
+    pub fn set_approvals(&self, a: crate::approval::Approvals) {
+        let _ = self.approvals.set(a);
+    }
+
+    /// Hold a call of an `[mcp] approval` tool until a person decides.
+    async fn await_approval(&self, id: &Value, tool: &str, args_hash: &str) -> Result<(), String> {
+        use crate::approval::Decision;
+        let Some(appr) = self.approvals.get() else {
+            return Err("the tool needs approval and no approval service is running".into());
+        };
+        let timeout = std::time::Duration::from_secs(self.policy.mcp.approval_timeout_secs);
+        let info = serde_json::json!({
+            "server": self.info.server,
+            "instance": self.info.instance,
+            "tool": tool,
+            "call_id": id,
+            "args_sha256": args_hash,
+            "requested_at": crate::events::now_rfc3339(),
+        });
+        let (aid, decision) = appr.request(info, self.info.uid, timeout);
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_requested", "approval_id": aid,
+                               "tool": tool, "call_id": id}),
+        );
+        eprintln!(
+            "mcp-warden: tools/call {tool} (id {id}) of {} waits for approval: \
+             `mcp-warden approve {aid}` or `mcp-warden deny {aid}` ({} s, then denied)",
+            self.info.instance,
+            timeout.as_secs()
+        );
+        let d = decision.await;
+        let (outcome, by, result) = match &d {
+            Decision::Approved { by } => ("approved", Value::String(by.clone()), Ok(())),
+            Decision::Denied { by } => (
+                "denied",
+                Value::String(by.clone()),
+                Err(format!("denied by {by} (approval {aid})")),
+            ),
+            Decision::TimedOut => (
+                "timed_out",
+                Value::Null,
+                Err(format!(
+                    "no decision within {} s (approval {aid}); a timeout denies",
+                    timeout.as_secs()
+                )),
+            ),
+        };
+        self.record(
+            "server",
+            serde_json::json!({"event": "approval_decided", "approval_id": aid,
+                               "tool": tool, "call_id": id, "decision": outcome,
+                               "decided_by": by}),
+        );
+        result
+    }
+
+    /// Add the client's identity to a record.
+    fn stamp(&self, rec: &mut Value) {
+        if let (Value::Object(m), Ok(c)) = (rec, self.client.lock()) {
+            m.insert("client".into(), c.clone());
         }
     }
 
@@ -193,6 +276,20 @@ impl Session {
         let mask = st.in_flight.iter().fold(SERVER_BIT, |m, c| m | c.bit);
         st.inst.active_mask = mask;
         st.inst.epoch += 1;
+        // Declared capabilities: when every call in flight is of a tool that
+        // declared it touches no open world, egress is refused.
+        let closed = self.policy.mcp.enforce_annotations
+            && !st.in_flight.is_empty()
+            && st.in_flight.iter().all(|c| {
+                st.annotations.get(&c.tool).and_then(|a| a.open_world_hint) == Some(false)
+            });
+        if closed {
+            st.inst.flags |= flags::CLOSED_WORLD;
+            let e = st.inst.epoch;
+            st.closed_world_epochs.insert(e);
+        } else {
+            st.inst.flags &= !flags::CLOSED_WORLD;
+        }
         let calls = st
             .in_flight
             .iter()
@@ -227,6 +324,7 @@ impl Session {
             CallAcct {
                 tool: tool.to_string(),
                 counts: BTreeMap::new(),
+                bytes: [0; 2],
                 shared: false,
                 ended: None,
             },
@@ -289,17 +387,22 @@ impl Session {
             Ok(st) => st.inst.epoch,
             Err(_) => return,
         };
-        let drained = match self.kernel.lock() {
-            Ok(mut k) => k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+        let (drained, bytes) = match self.kernel.lock() {
+            Ok(mut k) => (
+                k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
+                k.drain_bytes(self.cgroup_id, (!all).then_some(before)),
+            ),
             Err(_) => return,
         };
-        let drained = match drained {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("{}: reading syscall counters: {e}", self.info.instance);
-                Vec::new()
-            }
-        };
+        let drained = drained.unwrap_or_else(|e| {
+            log::error!("{}: reading syscall counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let bytes = bytes.unwrap_or_else(|e| {
+            log::error!("{}: reading byte counters: {e}", self.info.instance);
+            Vec::new()
+        });
+        let mut idle_bytes = [0u64; 2];
         let mut idle: BTreeMap<u32, u64> = BTreeMap::new();
         let mut done = Vec::new();
         {
@@ -324,6 +427,25 @@ impl Session {
                     }
                 }
             }
+            for (epoch, dir, n) in bytes {
+                let d = usize::from(dir != mcp_warden_common::DIR_EGRESS);
+                let calls = st
+                    .history
+                    .binary_search_by_key(&epoch, |(e, _)| *e)
+                    .ok()
+                    .map(|i| st.history[i].1.clone())
+                    .unwrap_or_default();
+                if calls.is_empty() {
+                    idle_bytes[d] += n;
+                }
+                let shared = calls.len() > 1;
+                for (id, _) in &calls {
+                    if let Some(a) = st.acct.get_mut(&id.to_string()) {
+                        a.bytes[d] += n;
+                        a.shared |= shared;
+                    }
+                }
+            }
             let finished: Vec<String> = st
                 .acct
                 .iter()
@@ -342,10 +464,35 @@ impl Session {
                 .with_label_values(&[self.info.server.as_str(), "(idle)", &syscall_name(*nr)])
                 .inc_by(*n);
         }
+        for (d, n) in idle_bytes.iter().enumerate() {
+            if *n > 0 {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), "(idle)", DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+        }
         for a in done {
             let Some((_, mut rec)) = a.ended else {
                 continue;
             };
+            rec.net_bytes_out = a.bytes[0];
+            rec.net_bytes_in = a.bytes[1];
+            for (d, n) in a.bytes.iter().enumerate() {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, DIRECTIONS[d]])
+                    .inc_by(*n);
+            }
+            for (dir, n) in [
+                ("request", rec.request_bytes),
+                ("response", rec.response_bytes),
+            ] {
+                self.metrics
+                    .tool_bytes
+                    .with_label_values(&[self.info.server.as_str(), &a.tool, dir])
+                    .inc_by(n);
+            }
             let mut m = serde_json::Map::new();
             for (nr, n) in &a.counts {
                 let name = syscall_name(*nr);
@@ -378,6 +525,20 @@ impl Session {
                 }
             }
             m.insert("path".into(), Value::String(path));
+        }
+        self.stamp(&mut rec);
+        let closed = self
+            .state
+            .lock()
+            .map(|st| st.closed_world_epochs.contains(&ev.epoch))
+            .unwrap_or(false);
+        if closed && ev.kind == mcp_warden_common::kind::NET && ev.decision != decision::ALLOW {
+            if let Value::Object(m) = &mut rec {
+                m.insert(
+                    "reason".into(),
+                    Value::String("the tool declared openWorldHint: false".into()),
+                );
+            }
         }
         if ev.decision != decision::ALLOW {
             self.metrics
@@ -526,7 +687,8 @@ impl Session {
                 .with_label_values(&[self.info.server.as_str(), &label])
                 .observe(c.duration_ms / 1000.0);
         }
-        let rec = events::tool_call_record(&self.info, c);
+        let mut rec = events::tool_call_record(&self.info, c);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -534,7 +696,8 @@ impl Session {
 
     /// Emit a lifecycle record.
     pub fn record(&self, kind: &str, fields: Value) {
-        let rec = events::lifecycle_record(kind, &self.info, fields);
+        let mut rec = events::lifecycle_record(kind, &self.info, fields);
+        self.stamp(&mut rec);
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
@@ -568,9 +731,19 @@ impl crate::relay::RelayHooks for Session {
         &self,
         call: &crate::relay::CallStart,
     ) -> impl std::future::Future<Output = Result<(), crate::relay::HookError>> + Send {
-        let r = Session::call_begin(self, &id_value(&call.id), &call.tool)
-            .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()));
-        async move { r }
+        let id = id_value(&call.id);
+        let tool = call.tool.clone();
+        let hash = call.args_hash.clone();
+        let needs_approval = self.policy.mcp.approval.contains(&tool);
+        async move {
+            if needs_approval {
+                self.await_approval(&id, &tool, &hash)
+                    .await
+                    .map_err(crate::relay::HookError::Refused)?;
+            }
+            Session::call_begin(self, &id, &tool)
+                .map_err(|e| crate::relay::HookError::Unreachable(e.to_string()))
+        }
     }
 
     fn call_end(
@@ -595,6 +768,8 @@ impl crate::relay::RelayHooks for Session {
             reason: call.detail.clone(),
             request_bytes: call.request_bytes,
             response_bytes: call.response_bytes,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
         // Counting happens off the relay's path.
         let _ = self.account_tx.send(());
@@ -613,10 +788,91 @@ impl crate::relay::RelayHooks for Session {
             reason: Some(reason.to_string()),
             request_bytes: call.request_bytes,
             response_bytes: 0,
+            net_bytes_out: 0,
+            net_bytes_in: 0,
         });
     }
 
+    fn tools_listed(&self, tools: &BTreeMap<String, crate::relay::ToolAnnotations>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.annotations = tools.clone();
+        }
+        let seen: serde_json::Map<String, Value> = tools
+            .iter()
+            .map(|(name, a)| (name.clone(), annotations_json(a)))
+            .collect();
+        let seen = Value::Object(seen);
+        let changed = crate::annotations::remember(&self.info.server, &seen);
+        self.record(
+            "server",
+            serde_json::json!({"event": "tools_listed", "annotations": seen}),
+        );
+        if let Some(before) = changed {
+            log::warn!(
+                "{}: the server's tool annotations changed since its last run",
+                self.info.instance
+            );
+            self.record(
+                "server",
+                serde_json::json!({"event": "annotations_changed", "before": before, "after": seen}),
+            );
+        }
+    }
+
+    fn server_request(&self, method: &str, decision: crate::policy::Governance) {
+        use crate::policy::Governance;
+        let calls = self
+            .state
+            .lock()
+            .map(|st| {
+                st.in_flight
+                    .iter()
+                    .map(|c| (c.id.clone(), c.tool.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let attr = crate::events::Attribution { calls };
+        let d = match decision {
+            Governance::Allow => "allow",
+            Governance::Log => "audit",
+            Governance::Deny => "deny",
+        };
+        if decision != Governance::Allow {
+            log::warn!(
+                "{}: server-initiated {method} {} (policy [mcp])",
+                self.info.instance,
+                if decision == Governance::Deny {
+                    "refused"
+                } else {
+                    "logged"
+                }
+            );
+            self.metrics
+                .violations
+                .with_label_values(&[self.info.server.as_str(), &attr.tool_label(), "server", d])
+                .inc();
+        }
+        self.record(
+            "server",
+            serde_json::json!({
+                "event": "server_request",
+                "method": method,
+                "decision": d,
+                "tool": attr.tool(),
+                "call_id": attr.call_id(),
+            }),
+        );
+    }
+
     fn session_info(&self, info: &crate::relay::SessionInfo) {
+        if info.client_name.is_some() {
+            if let Ok(mut c) = self.client.lock() {
+                *c = serde_json::json!({
+                    "name": info.client_name,
+                    "version": info.client_version,
+                });
+            }
+        }
         self.record(
             "server",
             serde_json::json!({
@@ -653,4 +909,13 @@ pub async fn run_accountant(
             log::error!("syscall accounting task: {e}");
         }
     }
+}
+
+fn annotations_json(a: &crate::relay::ToolAnnotations) -> Value {
+    serde_json::json!({
+        "readOnlyHint": a.read_only_hint,
+        "destructiveHint": a.destructive_hint,
+        "idempotentHint": a.idempotent_hint,
+        "openWorldHint": a.open_world_hint,
+    })
 }

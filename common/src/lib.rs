@@ -14,6 +14,7 @@ pub mod maps {
     pub const EVENTS: &str = "mw_events";
     pub const STATS: &str = "mw_stats";
     pub const SYSCALLS: &str = "mw_syscalls";
+    pub const BYTES: &str = "mw_bytes";
 }
 
 /// Program names as they appear in the object file (function names).
@@ -27,9 +28,15 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "mw_sock_create";
     pub const SYS_ENTER: &str = "mw_sys_enter";
     pub const SYS_EXIT: &str = "mw_sys_exit";
+    pub const SKB_EGRESS: &str = "mw_skb_egress";
+    pub const SKB_INGRESS: &str = "mw_skb_ingress";
     pub const SYS_ENTER_CONNECT: &str = "mw_sys_connect";
     pub const SCHED_EXEC: &str = "mw_sched_exec";
     pub const SCHED_EXIT: &str = "mw_sched_exit";
+    /// Loaded by the agent itself with expected attach type
+    /// BPF_CGROUP_UNIX_CONNECT / UNIX_SENDMSG (aya 0.14 cannot).
+    pub const UNIX_CONNECT: &str = "mw_unix_connect";
+    pub const UNIX_SENDMSG: &str = "mw_unix_sendmsg";
 }
 
 /// Bit 0 of every rule mask: the rule belongs to the server itself and holds
@@ -47,6 +54,10 @@ pub mod flags {
     pub const EMIT_ALLOWED: u32 = 1 << 1;
     /// `on_violation = "kill"`: userspace ends the whole tree on a denial.
     pub const KILL: u32 = 1 << 2;
+    /// Every call in flight is of a tool that declared `openWorldHint:
+    /// false`: network egress (connect, sendmsg) is refused even where the
+    /// rules allow it.
+    pub const CLOSED_WORLD: u32 = 1 << 3;
 }
 
 /// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the
@@ -164,6 +175,8 @@ impl NetRule {
 /// Unix socket paths: LPM over (policy id, path bytes). Abstract names are
 /// stored with their leading NUL as '@'.
 pub const UNIX_PATH_MAX: usize = 108;
+/// Bits of `UnixKey` before the path: the policy id.
+pub const UNIX_KEY_FIXED_BITS: u32 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +195,10 @@ impl Default for UnixKey {
 }
 
 /// Value for path rules: which rule sets grant it, and whether the entry is
-/// a subtree (`/dir/**`) or an exact path.
+/// a subtree (`/dir/**`) or an exact path. Exact entries are keyed with
+/// their terminating NUL (prefix covers `len + 1` path bytes) and lookups
+/// use the zero-padded path, so an exact entry matches only its own path
+/// and never shadows a subtree that contains it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathRule {
@@ -202,8 +218,10 @@ pub mod kind {
     /// Not an event kind: syscall counts the kernel could not record
     /// (counter map full).
     pub const SYSCALL: u32 = 5;
+    /// Not an event kind: byte counts the kernel could not record.
+    pub const BYTES: u32 = 6;
     /// Number of stats slots (index = kind).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Decision carried in events.
@@ -289,6 +307,21 @@ pub struct SyscallKey {
     pub _pad: u32,
 }
 
+/// Key of the per-instance network byte counters (payload bytes, epoch
+/// tagged like the syscall counters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BytesKey {
+    pub cgroup_id: u64,
+    pub epoch: u64,
+    /// `DIR_EGRESS` or `DIR_INGRESS`.
+    pub dir: u32,
+    pub _pad: u32,
+}
+
+pub const DIR_EGRESS: u32 = 0;
+pub const DIR_INGRESS: u32 = 1;
+
 // Layout checks: a change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<InstanceState>() == 32);
 const _: () = assert!(core::mem::size_of::<Net4Key>() == 12);
@@ -299,6 +332,7 @@ const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
 const _: () = assert!(core::mem::size_of::<PathRule>() == 16);
 const _: () = assert!(core::mem::size_of::<Event>() == 80 + 16 + COMM_LEN + EVENT_PATH_LEN);
 const _: () = assert!(core::mem::size_of::<SyscallKey>() == 24);
+const _: () = assert!(core::mem::size_of::<BytesKey>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -313,6 +347,7 @@ mod pod {
     unsafe impl aya::Pod for PathRule {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SyscallKey {}
+    unsafe impl aya::Pod for BytesKey {}
 }
 
 #[cfg(test)]

@@ -6,11 +6,13 @@
 #![no_main]
 
 mod audit;
+mod bytes;
 mod event;
 mod maps;
 mod net;
 mod proc;
 mod syscalls;
+mod unix;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -120,7 +120,8 @@ fn check4(ctx: &SockAddrContext, operation: u32, kind: u32) -> i32 {
     // the address bytes. user_port is big-endian in the low 16 bits.
     let addr4 = ip.to_ne_bytes();
     let port = u16::from_be(port as u16);
-    let allowed = v4_allowed(st.policy_id, kind, addr4, port, st.active_mask);
+    let allowed = v4_allowed(st.policy_id, kind, addr4, port, st.active_mask)
+        && !(kind == rule_kind::CONNECT && st.flags & flags::CLOSED_WORLD != 0);
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&addr4);
     let t = Target {
@@ -156,7 +157,8 @@ fn check6(ctx: &SockAddrContext, operation: u32, kind: u32) -> i32 {
     addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
     addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
     let port = u16::from_be(port as u16);
-    let allowed = v6_allowed(st.policy_id, kind, addr, port, st.active_mask);
+    let allowed = v6_allowed(st.policy_id, kind, addr, port, st.active_mask)
+        && !(kind == rule_kind::CONNECT && st.flags & flags::CLOSED_WORLD != 0);
     let t = Target {
         family: AF_INET6,
         addr,

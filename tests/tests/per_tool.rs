@@ -29,9 +29,12 @@ server = "toolbox"
 connect = []
 
 [tools]
-allow = ["fetch", "compute", "spawn_background", "background_result", "getppid_loop"]
+allow = ["fetch", "compute", "spawn_background", "background_result", "getppid_loop", "send_bytes"]
 
 [tools.fetch.network]
+connect = ["127.0.0.1:{port}"]
+
+[tools.send_bytes.network]
 connect = ["127.0.0.1:{port}"]
 "#,
         read = python_read_rules()
@@ -84,6 +87,11 @@ fn a_tool_right_holds_only_during_its_own_calls() {
         .iter()
         .find(|e| e["tool"] == "compute")
         .unwrap_or_else(|| panic!("no denial attributed to compute: {denials:#?}"));
+    // Identity: who launched it, on which host, through which client.
+    assert_eq!(compute["user"], "root");
+    assert_eq!(compute["uid"], 0);
+    assert!(compute["host"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(compute["client"]["name"], "mcp", "{compute}");
     assert!(compute["call_id"].is_number(), "{compute}");
     assert_eq!(compute["calls_in_flight"].as_array().map(Vec::len), Some(1));
     let idle = denials
@@ -133,4 +141,35 @@ fn syscall_counts_per_call_match_the_workload() {
         .collect();
     assert_eq!(counts, vec![1000, 250], "{calls:#?}");
     assert!(calls.iter().all(|c| c["syscalls_shared"] == false));
+}
+
+#[test]
+fn network_bytes_per_call_match_the_workload() {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    // The peer outside the sandbox: read everything, answer 5000 bytes.
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        s.write_all(&[b'y'; 5000]).expect("write");
+        got.len()
+    });
+    let sc = Scenario::new("bytes", &policy(port));
+    let steps = json!([{"tool": "send_bytes", "args": {"port": port, "n": 100_000}}]);
+    let cmd = server_cmd();
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (results, run) = sdk_drive(&sc, &steps, &cmd);
+    assert_eq!(
+        results[0]["text"], "sent=100000 received=5000",
+        "{results:#?} {run:?}"
+    );
+    assert_eq!(peer.join().expect("peer"), 100_000);
+    let calls = run.events_where(&[("kind", json!("tool_call")), ("tool", json!("send_bytes"))]);
+    assert_eq!(calls.len(), 1, "{:#?}", run.events);
+    assert_eq!(calls[0]["net_bytes_out"], 100_000, "{}", calls[0]);
+    assert_eq!(calls[0]["net_bytes_in"], 5000, "{}", calls[0]);
+    assert!(calls[0]["request_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(calls[0]["response_bytes"].as_u64().unwrap_or(0) > 0);
 }

@@ -433,6 +433,8 @@ for m in $(cat /xtask/modules.order); do
     insmod "/xtask/modules/$m.ko" || fail "insmod $m failed"
 done
 mount -t virtiofs hostroot /mnt || fail "cannot mount the host's root filesystem (virtiofs)"
+# Loopback only (no network card): the tests target 127.0.0.0/8 and ::1.
+ip link set lo up || fail "cannot bring up the loopback interface"
 R=/mnt
 mount -t proc proc $R/proc || fail "mount proc"
 mount -t sysfs sysfs $R/sys || fail "mount sysfs"

@@ -240,6 +240,7 @@ mod tests {
             tools_allow: None,
             tools: vec![],
             source: "test".into(),
+            mcp: Default::default(),
         }
     }
 

@@ -105,6 +105,7 @@ pub fn lost_kind_name(slot: u32) -> Option<&'static str> {
         kind::EXEC => Some("exec"),
         kind::PROC => Some("process"),
         kind::SYSCALL => Some("syscall_count"),
+        kind::BYTES => Some("byte_count"),
         _ => None,
     }
 }
@@ -285,6 +286,10 @@ pub struct ToolCallRecord {
     pub reason: Option<String>,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// Network payload bytes sent and received by the server's sockets
+    /// during the call (shared like the syscall counts).
+    pub net_bytes_out: u64,
+    pub net_bytes_in: u64,
 }
 
 pub fn tool_call_record(info: &InstanceInfo, c: &ToolCallRecord) -> Value {
@@ -307,6 +312,8 @@ pub fn tool_call_record(info: &InstanceInfo, c: &ToolCallRecord) -> Value {
     m.insert("syscalls_shared".into(), json!(c.syscalls_shared));
     m.insert("request_bytes".into(), json!(c.request_bytes));
     m.insert("response_bytes".into(), json!(c.response_bytes));
+    m.insert("net_bytes_out".into(), json!(c.net_bytes_out));
+    m.insert("net_bytes_in".into(), json!(c.net_bytes_in));
     if let Some(r) = &c.reason {
         m.insert("reason".into(), Value::String(r.clone()));
     }

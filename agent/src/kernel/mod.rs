@@ -2,18 +2,27 @@
 //! instance's cgroup, and keep the maps (instances, rules) in step with the
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
-use std::{collections::BTreeMap, os::fd::AsFd};
+pub mod btf;
+pub mod raw;
+pub mod unix;
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, OwnedFd},
+};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey, UnixKey,
+    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
+    UnixKey,
 };
 
 use crate::policy::compile::CompiledNet;
@@ -51,6 +60,8 @@ pub enum KernelError {
     Tracefs(std::io::Error),
     #[error("link: {0}")]
     Link(#[from] LinkError),
+    #[error("{0}")]
+    Raw(#[from] raw::RawError),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -75,12 +86,18 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
+    /// bpf_links made by [`raw`] (the unix hooks): closing the fd detaches.
+    raw: Vec<(&'static str, OwnedFd)>,
 }
 
 impl CgroupLinks {
     /// Names of the attached hooks, for `status` and the log.
     pub fn hooks(&self) -> Vec<&'static str> {
-        self.links.iter().map(|(n, _)| *n).collect()
+        self.links
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(self.raw.iter().map(|(n, _)| *n))
+            .collect()
     }
 }
 
@@ -99,8 +116,11 @@ pub struct Kernel {
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
     syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
+    /// The unix connect/sendmsg programs, when this kernel has them.
+    unix_progs: Vec<raw::RawProgram>,
     caps: Capabilities,
 }
 
@@ -158,8 +178,45 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        // Struct offsets the unix hooks need, from this kernel's BTF.
+        let unix_layout = btf::Btf::from_sys_fs()
+            .map_err(unix::LayoutError::from)
+            .and_then(|b| unix::layout(&b));
+        let mut loader = EbpfLoader::new();
+        if let Ok(l) = &unix_layout {
+            loader
+                .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
+                .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let mut caps = Capabilities::default();
+        let unix_progs = match &unix_layout {
+            Ok(l) => match unix::load(&ebpf, OBJECT) {
+                Ok(p) => {
+                    log::debug!("unix socket hooks loaded (bpf_sock_addr_kern: {l:?})");
+                    p
+                }
+                Err(e) => {
+                    log::error!(
+                        "unix socket hooks NOT enabled: connects and sends to unix sockets \
+                         are not confined on this host: {e}"
+                    );
+                    Vec::new()
+                }
+            },
+            Err(e) => {
+                log::error!(
+                    "unix socket hooks NOT enabled: connects and sends to unix sockets are \
+                     not confined on this host: reading struct bpf_sock_addr_kern from {}: {e}",
+                    btf::VMLINUX
+                );
+                Vec::new()
+            }
+        };
+        for hook in [unix::HOOK_CONNECT, unix::HOOK_SENDMSG] {
+            caps.hooks
+                .insert(hook, unix_progs.iter().any(|p| p.name == hook));
+        }
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -214,6 +271,20 @@ impl Kernel {
             tracepoints.push(FdLink::from(link));
             caps.hooks.insert(name, true);
         }
+        for name in [programs::SKB_EGRESS, programs::SKB_INGRESS] {
+            let p: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+            caps.hooks.insert(name, true);
+        }
+        let bytes = PerCpuHashMap::try_from(
+            ebpf.take_map(maps::BYTES)
+                .ok_or(KernelError::MissingMap(maps::BYTES))?,
+        )
+        .map_err(map_err(maps::BYTES))?;
         let syscalls = PerCpuHashMap::try_from(
             ebpf.take_map(maps::SYSCALLS)
                 .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
@@ -257,8 +328,10 @@ impl Kernel {
             unix,
             stats,
             syscalls,
+            bytes,
             events: Some(events),
             _tracepoints: tracepoints,
+            unix_progs,
             caps,
         })
     }
@@ -303,7 +376,27 @@ impl Kernel {
             .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         links.push((name, FdLink::try_from(link)?));
-        Ok(CgroupLinks { links })
+        for (name, ty) in [
+            (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
+            (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let p: &mut CgroupSkb = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            let id = p
+                .attach(cgroup.as_fd(), ty, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            links.push((name, FdLink::try_from(link)?));
+        }
+        let mut raw = Vec::new();
+        for p in &self.unix_progs {
+            raw.push((p.name, p.attach(cgroup)?));
+        }
+        Ok(CgroupLinks { links, raw })
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
@@ -390,22 +483,27 @@ impl Kernel {
         cgroup_id: u64,
         before_epoch: Option<u64>,
     ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
-        let keys: Vec<SyscallKey> = self
-            .syscalls
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b))
-            .collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            match self.syscalls.get(&k, 0) {
-                Ok(v) => out.push((k.epoch, k.nr, v.iter().sum())),
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(map_err(maps::SYSCALLS)(e)),
-            }
-            ignore_missing(self.syscalls.remove(&k)).map_err(map_err(maps::SYSCALLS))?;
-        }
-        Ok(out)
+        let taken = drain(&mut self.syscalls, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::SYSCALLS))?;
+        Ok(taken.into_iter().map(|(k, n)| (k.epoch, k.nr, n)).collect())
+    }
+
+    /// The same for network payload bytes: (epoch, direction, bytes).
+    pub fn drain_bytes(
+        &mut self,
+        cgroup_id: u64,
+        before_epoch: Option<u64>,
+    ) -> Result<Vec<(u64, u32, u64)>, KernelError> {
+        let taken = drain(&mut self.bytes, |k| {
+            k.cgroup_id == cgroup_id && before_epoch.is_none_or(|b| k.epoch < b)
+        })
+        .map_err(map_err(maps::BYTES))?;
+        Ok(taken
+            .into_iter()
+            .map(|(k, n)| (k.epoch, k.dir, n))
+            .collect())
     }
 
     /// Events the kernel could not deliver, per kind index, summed over CPUs.
@@ -427,4 +525,27 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,
     }
+}
+
+/// Take the entries `take` selects out of a per-CPU counter map, summing
+/// each over CPUs.
+fn drain<K: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, u64>,
+    take: impl Fn(&K) -> bool,
+) -> Result<Vec<(K, u64)>, aya::maps::MapError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| take(k))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        match map.get(&k, 0) {
+            Ok(v) => out.push((k, v.iter().sum())),
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        }
+        ignore_missing(map.remove(&k))?;
+    }
+    Ok(out)
 }

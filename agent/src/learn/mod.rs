@@ -156,6 +156,11 @@ fn learn_policy(server: &str) -> Policy {
         tools_allow: None,
         tools: Vec::new(),
         source: "learn".to_string(),
+        // Nothing held back while learning: annotations are not enforced.
+        mcp: policy::McpRules {
+            enforce_annotations: false,
+            ..Default::default()
+        },
     }
 }
 

@@ -7,16 +7,13 @@
 //! the grants of every shorter entry that contains it: the compiler folds
 //! them in here, once, instead of the kernel walking parents.
 //!
-//! Known limit of the unix (and any path) trie with exact entries keyed
-//! without a terminator: an exact entry is itself a prefix of longer names.
-//! With `/run/**` for the server and `/run/a` for a tool, a connect to
-//! `/run/ab` finds `/run/a` (exact, wrong length) as the longest match and
-//! is refused although `/run/**` allows it. It fails closed. The kernel
-//! side can fix it without a format change by repeating the lookup (a
-//! bounded number of times) with `prefix_len = UNIX_KEY_FIXED_BITS +
-//! 8 * entry.len - 1` when an exact entry's length does not match: that
-//! finds the next shorter entry, whose value already carries the subtree
-//! masks above it.
+//! Path tries and exact entries: an exact entry keyed by its bytes alone
+//! would be a prefix of longer names and, as the longest match, shadow a
+//! subtree that contains it (`/run/**` for the server, `/run/a` for a tool:
+//! `/run/ab` would find `/run/a`). Exact entries are therefore keyed with
+//! their terminating NUL (`len + 1` bytes of prefix); the kernel looks up
+//! the zero-padded path, so an exact entry matches only its own path and
+//! the longest match is always a rule for the path looked up.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -236,12 +233,13 @@ pub fn compile_net(
 }
 
 /// Bits of `UnixKey` before the path: the policy id.
-pub const UNIX_KEY_FIXED_BITS: u32 = 32;
+pub use mcp_warden_common::UNIX_KEY_FIXED_BITS;
 
 /// Unix socket rules. An exact rule's key is its path (abstract names keep
-/// their leading `@`), a subtree's key is its directory and a `/` (see
-/// [`crate::policy::PathRule::prefix`]); the prefix length covers exactly those bytes.
-/// Subtree masks are folded into every longer entry under them.
+/// their leading `@`) and a NUL, a subtree's key is its directory and a `/`
+/// (see [`crate::policy::PathRule::prefix`]); the prefix length covers
+/// exactly those bytes. Subtree masks are folded into every longer entry
+/// under them.
 fn compile_unix(
     sets: &[(&Rules, u64)],
     policy_id: u32,
@@ -255,8 +253,14 @@ fn compile_unix(
                 path: r.path().to_string(),
                 reason: reason.to_string(),
             };
-            if bytes.len() > UNIX_PATH_MAX {
-                return Err(bad(&format!("longer than {UNIX_PATH_MAX} bytes")));
+            // An exact path needs room for its terminating NUL in the key.
+            let max = if r.is_subtree() {
+                UNIX_PATH_MAX
+            } else {
+                UNIX_PATH_MAX - 1
+            };
+            if bytes.len() > max {
+                return Err(bad(&format!("longer than {max} bytes")));
             }
             if bytes.len() < 2 && !r.is_subtree() {
                 return Err(bad("not a socket path"));
@@ -286,8 +290,11 @@ fn compile_unix(
         };
         key.path[..bytes.len()].copy_from_slice(bytes);
         let len = bytes.len() as u32;
+        // The key is zero-padded: an exact entry's prefix takes in the NUL
+        // after its path.
+        let key_bytes = if *subtree { len } else { len + 1 };
         out.push((
-            UNIX_KEY_FIXED_BITS + 8 * len,
+            UNIX_KEY_FIXED_BITS + 8 * key_bytes,
             key,
             mcp_warden_common::PathRule {
                 mask: own | inherited,
@@ -299,38 +306,26 @@ fn compile_unix(
     Ok(out)
 }
 
-/// The unix rule a kernel lookup would pick for `path` (test model of the
-/// LPM + exact-length check). With `retry`, an exact entry of the wrong
-/// length makes it look again below that entry (the fix suggested above).
+/// The unix rule a kernel lookup would pick for `path`: the longest entry
+/// whose prefix bits equal those of the zero-padded key (test model of
+/// `bpf_map_lookup_elem` on the LPM trie in ebpf/src/unix.rs).
 #[cfg(test)]
 fn unix_lookup<'a>(
     c: &'a [(u32, UnixKey, mcp_warden_common::PathRule)],
     policy_id: u32,
     path: &str,
-    retry: bool,
 ) -> Option<&'a mcp_warden_common::PathRule> {
+    let mut key = [0u8; UNIX_PATH_MAX];
+    let n = path.len().min(UNIX_PATH_MAX);
+    key[..n].copy_from_slice(&path.as_bytes()[..n]);
     // Whole bytes are enough here: every entry's prefix is whole bytes.
-    let mut max_plen = UNIX_KEY_FIXED_BITS + 8 * path.len() as u32;
-    loop {
-        let best = c
-            .iter()
-            .filter(|(plen, k, _)| {
-                let n = ((plen - UNIX_KEY_FIXED_BITS) / 8) as usize;
-                *plen <= max_plen
-                    && k.policy_id == policy_id.to_be_bytes()
-                    && path.len() >= n
-                    && k.path[..n] == path.as_bytes()[..n]
-            })
-            .max_by_key(|(plen, _, _)| *plen)?;
-        let v = &best.2;
-        if v.subtree == 1 || v.len as usize == path.len() {
-            return Some(v);
-        }
-        if !retry {
-            return None;
-        }
-        max_plen = best.0 - 1;
-    }
+    c.iter()
+        .filter(|(plen, k, _)| {
+            let n = ((plen - UNIX_KEY_FIXED_BITS) / 8) as usize;
+            k.policy_id == policy_id.to_be_bytes() && k.path[..n] == key[..n]
+        })
+        .max_by_key(|(plen, _, _)| *plen)
+        .map(|(_, _, v)| v)
 }
 
 #[cfg(test)]
@@ -646,23 +641,29 @@ unix = ["/run/**", "@dbus", "/run/pg/.s.PGSQL.5432"]
 unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
 "#);
         let c = compile_net(&p, 9, &no_dns()).unwrap();
-        let got: Vec<(u32, String, mcp_warden_common::PathRule)> = c
+        // (prefix length, key bytes the prefix covers, value)
+        let got: Vec<(u32, Vec<u8>, mcp_warden_common::PathRule)> = c
             .unix
             .iter()
             .map(|(l, k, v)| {
                 let n = ((l - 32) / 8) as usize;
-                (*l, String::from_utf8(k.path[..n].to_vec()).unwrap(), *v)
+                (*l, k.path[..n].to_vec(), *v)
             })
             .collect();
         let r = |mask, subtree, len| mcp_warden_common::PathRule { mask, subtree, len };
         assert_eq!(
             got,
             vec![
-                (32 + 8 * 5, "/run/".into(), r(S, 1, 5)),
-                (32 + 8 * 8, "/run/pg/".into(), r(S | 2, 1, 8)),
-                (32 + 8 * 21, "/run/pg/.s.PGSQL.5432".into(), r(S | 2, 0, 21)),
-                (32 + 8 * 11, "/tmp/x.sock".into(), r(2, 0, 11)),
-                (32 + 8 * 5, "@dbus".into(), r(S | 2, 0, 5)),
+                (32 + 8 * 5, b"/run/".to_vec(), r(S, 1, 5)),
+                (32 + 8 * 8, b"/run/pg/".to_vec(), r(S | 2, 1, 8)),
+                // exact entries: the path and its NUL
+                (
+                    32 + 8 * 22,
+                    b"/run/pg/.s.PGSQL.5432\0".to_vec(),
+                    r(S | 2, 0, 21)
+                ),
+                (32 + 8 * 12, b"/tmp/x.sock\0".to_vec(), r(2, 0, 11)),
+                (32 + 8 * 6, b"@dbus\0".to_vec(), r(S | 2, 0, 5)),
             ]
         );
         for (_, k, _) in &c.unix {
@@ -670,31 +671,75 @@ unix = ["/run/pg/**", "/tmp/x.sock", "@dbus"]
             // zero padding after the path
             assert!(k.path[21..].iter().all(|b| *b == 0));
         }
-        let m = |path| unix_lookup(&c.unix, 9, path, false).map(|v| v.mask);
+        let m = |path| unix_lookup(&c.unix, 9, path).map(|v| v.mask);
         assert_eq!(m("/run/a.sock"), Some(S));
         assert_eq!(m("/run/pg/other"), Some(S | 2));
+        assert_eq!(m("/run/pg/.s.PGSQL.5432"), Some(S | 2));
         assert_eq!(m("/run/pgx"), Some(S));
         assert_eq!(m("/tmp/x.sock"), Some(2));
         assert_eq!(m("/tmp/x.sock2"), None);
+        assert_eq!(m("/tmp/x.soc"), None);
         assert_eq!(m("@dbus"), Some(S | 2));
         assert_eq!(m("@dbus2"), None);
         assert_eq!(m("/var/run/x"), None);
-        assert_eq!(unix_lookup(&c.unix, 8, "/run/a", false), None);
-        // The shadowing limit (module docs): `/tmp/x.sock` is exact for the
-        // tool only; with a server subtree over it, a longer name under it
-        // is refused by a single lookup and allowed by the retrying one.
+        assert_eq!(unix_lookup(&c.unix, 8, "/run/a"), None);
+        // No shadowing: `/tmp/x.sock` is exact for the tool only; with a
+        // server subtree over it, a longer name under it finds the subtree.
         let p =
             pol("[network]\nunix = [\"/tmp/**\"]\n[tools.t.network]\nunix = [\"/tmp/x.sock\"]\n");
         let c = compile_net(&p, 9, &no_dns()).unwrap();
-        assert_eq!(unix_lookup(&c.unix, 9, "/tmp/x.sock2", false), None);
         assert_eq!(
-            unix_lookup(&c.unix, 9, "/tmp/x.sock2", true).map(|v| v.mask),
+            unix_lookup(&c.unix, 9, "/tmp/x.sock2").map(|v| v.mask),
             Some(S)
         );
         assert_eq!(
-            unix_lookup(&c.unix, 9, "/tmp/x.sock", true).map(|v| v.mask),
+            unix_lookup(&c.unix, 9, "/tmp/x.soc").map(|v| v.mask),
+            Some(S)
+        );
+        assert_eq!(
+            unix_lookup(&c.unix, 9, "/tmp/x.sock").map(|v| v.mask),
             Some(S | 2)
         );
+        // A subtree and an exact entry of the same directory name.
+        let p = pol("[network]\nunix = [\"/srv/a\"]\n[tools.t.network]\nunix = [\"/srv/a/**\"]\n");
+        let c = compile_net(&p, 9, &no_dns()).unwrap();
+        assert_eq!(unix_lookup(&c.unix, 9, "/srv/a").map(|v| v.mask), Some(S));
+        assert_eq!(unix_lookup(&c.unix, 9, "/srv/a/s").map(|v| v.mask), Some(2));
+        assert_eq!(unix_lookup(&c.unix, 9, "/srv/ab"), None);
+    }
+
+    #[test]
+    fn unix_path_lengths() {
+        // 107 bytes is the longest exact path (its NUL takes the 108th byte
+        // of the key); a subtree may use all 108.
+        let mut p = pol("");
+        let exact = format!("/{}", "a".repeat(106));
+        p.rules.network.unix.push(PathRule::Exact(exact.clone()));
+        let c = compile_net(&p, 1, &no_dns()).unwrap();
+        assert_eq!(c.unix[0].0, 32 + 8 * 108);
+        assert_eq!(unix_lookup(&c.unix, 1, &exact).map(|v| v.mask), Some(S));
+        // A 108-byte path under it is a different name.
+        assert_eq!(unix_lookup(&c.unix, 1, &format!("{exact}b")), None);
+        let mut p = pol("");
+        p.rules
+            .network
+            .unix
+            .push(PathRule::Exact(format!("/{}", "a".repeat(107))));
+        assert!(matches!(
+            compile_net(&p, 1, &no_dns()),
+            Err(CompileError::BadUnixPath { .. })
+        ));
+        let mut p = pol("");
+        p.rules
+            .network
+            .unix
+            .push(PathRule::Subtree(format!("/{}", "a".repeat(106))));
+        let c = compile_net(&p, 1, &no_dns()).unwrap();
+        assert_eq!(c.unix[0].0, 32 + 8 * 108);
+        // Paths longer than the key are judged on their first 108 bytes,
+        // which here lie under the subtree.
+        let long = format!("/{}/{}", "a".repeat(106), "b".repeat(20));
+        assert_eq!(unix_lookup(&c.unix, 1, &long).map(|v| v.mask), Some(S));
     }
 
     #[test]

@@ -119,6 +119,58 @@ pub struct Policy {
     pub tools: Vec<ToolRules>,
     /// Where the policy came from (file path, "embedded:demo", ...).
     pub source: String,
+    /// `[mcp]`: governance of server-initiated requests and approvals.
+    pub mcp: McpRules,
+}
+
+/// What happens to a server-initiated request of one kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Governance {
+    /// Forwarded; recorded as an event.
+    #[default]
+    Allow,
+    /// Forwarded; recorded as an `audit` event and logged as a warning.
+    Log,
+    /// Answered by the relay with a JSON-RPC error; never reaches the client.
+    Deny,
+}
+
+impl Governance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Governance::Allow => "allow",
+            Governance::Log => "log",
+            Governance::Deny => "deny",
+        }
+    }
+}
+
+/// `[mcp]` keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McpRules {
+    /// `sampling/createMessage` requests from the server.
+    pub sampling: Governance,
+    /// `elicitation/create` requests from the server.
+    pub elicitation: Governance,
+    /// Tools whose calls wait for a person's `mcp-warden approve ID`.
+    pub approval: Vec<String>,
+    /// Seconds to wait for a decision; no decision in time is a denial.
+    pub approval_timeout_secs: u64,
+    /// Hold tools to their declared annotations (`openWorldHint: false`:
+    /// no network egress during their calls).
+    pub enforce_annotations: bool,
+}
+
+impl Default for McpRules {
+    fn default() -> Self {
+        Self {
+            sampling: Governance::Allow,
+            elicitation: Governance::Allow,
+            approval: Vec::new(),
+            approval_timeout_secs: 120,
+            enforce_annotations: true,
+        }
+    }
 }
 
 impl Policy {

@@ -14,7 +14,9 @@ use toml_edit::{ImDocument, Item, Key, TableLike, Value};
 
 use super::compile::{compile_net, unmap, CompileError};
 use super::diag::{Diagnostic, LineIndex};
-use super::model::{Host, Mode, OnViolation, PathRule, Policy, Rules, ToolRules};
+use super::model::{
+    Governance, Host, McpRules, Mode, OnViolation, PathRule, Policy, Rules, ToolRules,
+};
 use super::values::{
     check_server_name, check_tool_name, parse_addr, parse_path, PathKind, ValueError,
 };
@@ -23,7 +25,7 @@ use super::vars::Vars;
 /// The only policy format version this build reads.
 pub const POLICY_VERSION: i64 = 1;
 
-const ROOT_KEYS: &str = "version, server, mode, on_violation, files, network, exec, tools";
+const ROOT_KEYS: &str = "version, server, mode, on_violation, files, network, exec, tools, mcp";
 
 /// Parse and validate a policy. `source` names the file in diagnostics and
 /// becomes [`Policy::source`]. Returns every problem found, in file order.
@@ -237,6 +239,8 @@ impl Cx<'_> {
         let mut rules = Rules::default();
         let mut tools_allow = None;
         let mut tools = Vec::new();
+        let mut mcp = McpRules::default();
+        let mut approval_spans = Vec::new();
 
         for (key, item) in entries(t) {
             match key.get() {
@@ -300,6 +304,7 @@ impl Cx<'_> {
                     tools_allow = allow;
                     tools = t;
                 }
+                "mcp" => approval_spans = self.mcp(key, item, &mut mcp),
                 _ => self.unknown_key(key, "the top level", ROOT_KEYS),
             }
         }
@@ -312,6 +317,19 @@ impl Cx<'_> {
                 "missing `server = \"NAME\"` (the server's name in logs and metrics)",
             );
         }
+        if let Some(allow) = &tools_allow {
+            for (name, span) in &approval_spans {
+                if !allow.iter().any(|a| a == name) {
+                    self.err(
+                        span.clone(),
+                        format!(
+                            "mcp.approval names `{name}`, which `tools.allow` leaves out: \
+                             its calls are refused anyway"
+                        ),
+                    );
+                }
+            }
+        }
         Policy {
             version: version.unwrap_or(0),
             server: server.unwrap_or_default(),
@@ -321,7 +339,92 @@ impl Cx<'_> {
             tools_allow,
             tools,
             source: source.to_string(),
+            mcp,
         }
+    }
+
+    /// `[mcp]`: sampling, elicitation, approval, approval_timeout. Returns
+    /// the approval entries with their spans (checked against tools.allow).
+    fn mcp(
+        &mut self,
+        key: &Key,
+        item: &Item,
+        mcp: &mut McpRules,
+    ) -> Vec<(String, Option<Range<usize>>)> {
+        let mut approvals = Vec::new();
+        let Some(t) = self.table_like("mcp", key, item) else {
+            return approvals;
+        };
+        for (k, v) in entries(t) {
+            match k.get() {
+                "sampling" | "elicitation" => {
+                    let name = format!("mcp.{}", k.get());
+                    let Some(s) = self.string(&name, k, v) else {
+                        continue;
+                    };
+                    let g = match s {
+                        "allow" => Governance::Allow,
+                        "log" => Governance::Log,
+                        "deny" => Governance::Deny,
+                        other => {
+                            self.err(
+                                v.span(),
+                                format!(
+                                    "bad {name} `{other}`: expected \"allow\", \"log\" or \"deny\""
+                                ),
+                            );
+                            continue;
+                        }
+                    };
+                    if k.get() == "sampling" {
+                        mcp.sampling = g;
+                    } else {
+                        mcp.elicitation = g;
+                    }
+                }
+                "approval" => {
+                    for (s, span) in self.strings("mcp.approval", k, v) {
+                        match check_tool_name(s) {
+                            Ok(()) => {
+                                mcp.approval.push(s.to_string());
+                                approvals.push((s.to_string(), span));
+                            }
+                            Err(m) => self.err(span, m),
+                        }
+                    }
+                }
+                "enforce_annotations" => match v.as_bool() {
+                    Some(b) => mcp.enforce_annotations = b,
+                    None => self.err(
+                        Self::item_span(k, v),
+                        format!(
+                            "`mcp.enforce_annotations` must be true or false, found {}",
+                            type_name(v)
+                        ),
+                    ),
+                },
+                "approval_timeout" => match v.as_integer() {
+                    Some(n) if (1..=86_400).contains(&n) => mcp.approval_timeout_secs = n as u64,
+                    Some(n) => self.err(
+                        v.span(),
+                        format!("mcp.approval_timeout {n} out of range: 1 to 86400 seconds"),
+                    ),
+                    None => self.err(
+                        Self::item_span(k, v),
+                        format!(
+                            "`mcp.approval_timeout` must be an integer (seconds), found {}",
+                            type_name(v)
+                        ),
+                    ),
+                },
+                _ => self.unknown_key(
+                    k,
+                    "[mcp]",
+                    "sampling, elicitation, approval, approval_timeout, enforce_annotations",
+                ),
+            }
+        }
+        approvals
     }
 
     /// `[files]`, `[network]` or `[exec]`, at the top level (`prefix` empty)
@@ -526,6 +629,34 @@ mod tests {
             e[0].starts_with(&format!("{at}: ")) && e[0].contains(msg_part),
             "{rest:?}: wanted {at} ~ {msg_part:?}, got {:?}",
             e[0]
+        );
+    }
+
+    #[test]
+    fn mcp_section() {
+        let p = ok(&format!(
+            "{HEAD}[tools]\nallow = [\"a\", \"rm\"]\n[mcp]\nsampling = \"deny\"\nelicitation = \"log\"\napproval = [\"rm\"]\napproval_timeout = 30\n"
+        ));
+        assert_eq!(p.mcp.sampling, Governance::Deny);
+        assert_eq!(p.mcp.elicitation, Governance::Log);
+        assert_eq!(p.mcp.approval, vec!["rm".to_string()]);
+        assert_eq!(p.mcp.approval_timeout_secs, 30);
+        assert_eq!(ok(HEAD).mcp, McpRules::default());
+        one(
+            "[mcp]\nsampling = \"maybe\"\n",
+            "4:12",
+            "bad mcp.sampling `maybe`",
+        );
+        one(
+            "[mcp]\nsample = \"deny\"\n",
+            "4:1",
+            "unknown key `sample` in [mcp]",
+        );
+        one("[mcp]\napproval_timeout = 0\n", "4:20", "out of range");
+        one(
+            "[tools]\nallow = [\"a\"]\n[mcp]\napproval = [\"b\"]\n",
+            "6:13",
+            "`tools.allow` leaves out",
         );
     }
 

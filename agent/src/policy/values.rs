@@ -137,15 +137,17 @@ pub(crate) fn parse_path(raw: &str, kind: PathKind, vars: &Vars) -> Result<PathR
                     "`/` is a directory, not a socket: write `/**` for every socket path",
                 ));
             }
-            // A subtree is stored with its trailing '/'.
-            let key_len = if subtree && path != "/" {
-                path.len() + 1
-            } else {
+            // A subtree is stored with its trailing '/', an exact path
+            // with its terminating NUL (policy/compile.rs).
+            let key_len = if subtree && path == "/" {
                 path.len()
+            } else {
+                path.len() + 1
             };
             if key_len > UNIX_PATH_MAX {
                 return Err(ValueError::whole(format!(
-                    "unix socket path longer than {UNIX_PATH_MAX} bytes"
+                    "unix socket path longer than {} bytes",
+                    UNIX_PATH_MAX - 1
                 )));
             }
         }
@@ -173,9 +175,11 @@ fn parse_abstract(
     if name.len() < 2 {
         return Err(ValueError::whole("empty abstract socket name after `@`"));
     }
-    if name.len() > UNIX_PATH_MAX {
+    // Stored as `@name` and a NUL in a key of UNIX_PATH_MAX bytes.
+    if name.len() + 1 > UNIX_PATH_MAX {
         return Err(ValueError::whole(format!(
-            "abstract socket name longer than {UNIX_PATH_MAX} bytes"
+            "abstract socket name longer than {} bytes",
+            UNIX_PATH_MAX - 2
         )));
     }
     Ok(PathRule::Exact(name))
@@ -450,10 +454,13 @@ mod tests {
             u("/run/pg/**").unwrap(),
             PathRule::Subtree("/run/pg".into())
         );
-        let long = format!("/{}", "a".repeat(108));
-        assert!(u(&long).is_err());
-        assert!(u(&format!("/{}", "a".repeat(107))).is_ok());
+        // Exact: 107 bytes and the key's NUL; subtree: 107 and its `/`.
+        assert!(u(&format!("/{}", "a".repeat(107))).is_err());
+        assert!(u(&format!("/{}", "a".repeat(106))).is_ok());
         assert!(u(&format!("/{}/**", "a".repeat(107))).is_err());
+        assert!(u(&format!("/{}/**", "a".repeat(106))).is_ok());
+        assert!(u(&format!("@{}", "a".repeat(106))).is_ok());
+        assert!(u(&format!("@{}", "a".repeat(107))).is_err());
     }
 
     fn a(s: &str) -> Result<AddrRule, ValueError> {

@@ -75,6 +75,11 @@ impl Framer {
         self.buf.extend_from_slice(data);
     }
 
+    /// Inside a line longer than the limit, part of which was handed out.
+    pub fn in_oversize(&self) -> bool {
+        self.oversize
+    }
+
     /// Bytes fed but not yet handed out.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 pub mod calls;
+pub mod eof;
 pub mod framing;
 pub mod jsonrpc;
 pub mod stdio;
@@ -89,6 +90,10 @@ pub trait RelayHooks: Send + Sync + 'static {
 
     /// A `tools/list` result was seen; `tools` is everything seen so far.
     fn tools_listed(&self, _tools: &BTreeMap<String, ToolAnnotations>) {}
+
+    /// The server sent a request the policy's `[mcp]` section governs
+    /// (sampling, elicitation), and what was done with it.
+    fn server_request(&self, _method: &str, _decision: crate::policy::model::Governance) {}
 }
 
 #[cfg(test)]

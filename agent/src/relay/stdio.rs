@@ -44,7 +44,7 @@ use super::jsonrpc::{
     ToolCall,
 };
 use super::{Handshake, RelayError, RelayHooks, SessionInfo};
-use crate::policy::model::Policy;
+use crate::policy::model::{Governance, Policy};
 
 /// JSON-RPC error code of every response the relay writes itself when it
 /// refuses a call: -32001, in the range JSON-RPC reserves for
@@ -150,14 +150,16 @@ where
     SW: AsyncWrite + Unpin + Send,
     SR: AsyncRead + Unpin + Send,
 {
+    let (replies_tx, replies_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Shared {
         state: Mutex::new(State::default()),
         client_out: tokio::sync::Mutex::new(client_out),
+        server_replies: replies_tx,
         policy: &policy,
         hooks: &*hooks,
         opts: &opts,
     };
-    let mut c2s = Box::pin(client_to_server(&shared, client_in, server_in));
+    let mut c2s = Box::pin(client_to_server(&shared, client_in, server_in, replies_rx));
     let mut s2c = Box::pin(server_to_client(&shared, server_out));
     let mut c2s_done = false;
     let result = loop {
@@ -210,6 +212,10 @@ struct State {
 struct Shared<'a, H, CW> {
     state: Mutex<State>,
     client_out: tokio::sync::Mutex<CW>,
+    /// Lines of the relay's own for the server (answers to server requests
+    /// the policy refuses), written by the client->server task between
+    /// whole client lines.
+    server_replies: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     policy: &'a Policy,
     hooks: &'a H,
     opts: &'a RelayOptions,
@@ -241,8 +247,12 @@ impl<H: RelayHooks, CW: AsyncWrite + Unpin + Send> Shared<'_, H, CW> {
     }
 }
 
-async fn client_to_server<H, CW, CR, SW>(sh: &Shared<'_, H, CW>, mut input: CR, mut server: SW)
-where
+async fn client_to_server<H, CW, CR, SW>(
+    sh: &Shared<'_, H, CW>,
+    mut input: CR,
+    mut server: SW,
+    mut replies: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) where
     H: RelayHooks,
     CW: AsyncWrite + Unpin + Send,
     CR: AsyncRead + Unpin + Send,
@@ -259,7 +269,19 @@ where
                 break 'read;
             }
         }
-        match input.read(&mut buf).await {
+        // The relay's own answers go to the server only between whole
+        // client lines (never inside a long one being forwarded).
+        let read = tokio::select! {
+            r = input.read(&mut buf) => r,
+            Some(line) = replies.recv(), if long.is_none() && !framer.in_oversize() => {
+                if !forward_server(sh, &mut server, &line).await {
+                    server_open = false;
+                    break 'read;
+                }
+                continue;
+            }
+        };
+        match read {
             Ok(0) => break,
             Ok(n) => framer.feed(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -708,6 +730,15 @@ async fn refuse<H, CW>(
     sh.write_client(&line).await;
 }
 
+/// What `[mcp]` says of a server-initiated request, if it governs it.
+fn governance(policy: &Policy, method: &str) -> Option<Governance> {
+    match method {
+        "sampling/createMessage" => Some(policy.mcp.sampling),
+        "elicitation/create" => Some(policy.mcp.elicitation),
+        _ => None,
+    }
+}
+
 fn error_response(
     policy: &Policy,
     id: &Value,
@@ -846,9 +877,9 @@ where
                         S2cEffects::default()
                     }
                     Classified::Single(m) => {
-                        s2c_messages(&mut st, std::slice::from_ref(&m), line.len())
+                        s2c_messages(&mut st, sh.policy, std::slice::from_ref(&m), line.len())
                     }
-                    Classified::Batch(ms) => s2c_messages(&mut st, &ms, line.len()),
+                    Classified::Batch(ms) => s2c_messages(&mut st, sh.policy, &ms, line.len()),
                 }
             };
             // Rights are withdrawn before the client can see the result.
@@ -858,6 +889,43 @@ where
             }
             if let Some(t) = &effects.tools {
                 sh.hooks.tools_listed(t);
+            }
+            for (_, method, g) in &effects.governed {
+                sh.hooks.server_request(method, *g);
+            }
+            if effects
+                .governed
+                .iter()
+                .any(|(_, _, g)| *g == Governance::Deny)
+            {
+                // Refused: the client never sees it; the server gets an
+                // error for every request in the line (a batch is refused
+                // whole: the relay never rewrites bytes it forwards).
+                let errors: Vec<Value> = effects
+                    .request_ids
+                    .iter()
+                    .map(|(id, method)| {
+                        let reason = match governance(sh.policy, method) {
+                            Some(Governance::Deny) => format!(
+                                "server-initiated {method} is denied by the policy's [mcp] section"
+                            ),
+                            _ => "it came in a batch with a refused request".to_string(),
+                        };
+                        error_response(sh.policy, id, method, None, &reason)
+                    })
+                    .collect();
+                let body = if errors.len() == 1 {
+                    errors.into_iter().next().unwrap_or(Value::Null)
+                } else {
+                    Value::Array(errors)
+                };
+                let mut reply = body.to_string().into_bytes();
+                reply.push(b'\n');
+                let _ = sh.server_replies.send(reply);
+                let mut st = sh.lock();
+                st.stats.refused += 1;
+                st.stats.bytes_s2c += line.len() as u64;
+                return Ok(());
             }
             let mut w = sh.client_out.lock().await;
             w.write_all(line).await.map_err(RelayError::ClientWrite)?;
@@ -871,6 +939,11 @@ where
 
 #[derive(Default)]
 struct S2cEffects {
+    /// Server-initiated requests under `[mcp]` governance: (id as written,
+    /// method, what the policy says).
+    governed: Vec<(Value, String, Governance)>,
+    /// Ids of every request in the line (to refuse a whole batch).
+    request_ids: Vec<(Value, String)>,
     ends: Vec<CallEnd>,
     session: Option<SessionInfo>,
     tools: Option<BTreeMap<String, ToolAnnotations>>,
@@ -878,11 +951,19 @@ struct S2cEffects {
 
 /// Read the server's messages against what is in flight. Sync: runs under
 /// the state lock.
-fn s2c_messages(st: &mut State, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
+fn s2c_messages(st: &mut State, policy: &Policy, msgs: &[Message<'_>], bytes: usize) -> S2cEffects {
     let bytes = bytes as u64;
     let mut fx = S2cEffects::default();
     for m in msgs {
         match m {
+            Message::Request {
+                id_json, method, ..
+            } => {
+                fx.request_ids.push((id_json.clone(), method.clone()));
+                if let Some(g) = governance(policy, method) {
+                    fx.governed.push((id_json.clone(), method.clone(), g));
+                }
+            }
             Message::Response { id: Some(id), body } => {
                 if let Some(start) = st.tracker.get(id) {
                     let asked_for_task = start.task;

@@ -20,6 +20,7 @@ fn policy(allow: Option<&[&str]>) -> Arc<Policy> {
         tools_allow: allow.map(|a| a.iter().map(|s| s.to_string()).collect()),
         tools: Vec::new(),
         source: "test:policy.toml".into(),
+        mcp: Default::default(),
     })
 }
 
