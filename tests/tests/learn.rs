@@ -231,8 +231,59 @@ fn filesystem_server_learn_enforce_diff() {
     assert_eq!(d["tool"], "read_text_file");
     assert!(d["call_id"].is_number(), "{d}");
 
-    // 3. --diff: the same read is drift, named with its tool; exit 1.
+    // 3. The learned policy in audit mode: nothing is refused; the read
+    //    outside it and the call of a tool tools.allow leaves out are
+    //    `audit` records, attributed; what the policy allows is not.
     std::fs::remove_file(data.join("b.txt")).expect("rm b.txt");
+    let sc = Scenario::new(
+        "learn-fs-audit",
+        &policy.replace("mode = \"enforce\"", "mode = \"audit\""),
+    );
+    let steps = json!([
+        {"tool": "read_text_file", "args": {"path": a}},
+        {"tool": "read_text_file", "args": {"path": outside.join("secret.txt")}},
+        {"tool": "get_file_info", "args": {"path": a}},
+    ]);
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results.len(), 3, "{results:#?}\n{}", run.stderr);
+    tool_results_ok(&results, 3);
+    assert_eq!(results[1]["text"], "top secret", "audit refuses nothing");
+    assert!(
+        run.events.iter().all(|e| e["decision"] != "deny"),
+        "{:#?}",
+        run.events
+    );
+    let audits: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["decision"] == "audit")
+        .collect();
+    let secret = audits
+        .iter()
+        .find(|e| e["path"] == outside.join("secret.txt").display().to_string())
+        .unwrap_or_else(|| panic!("no audit record of the secret read: {audits:#?}"));
+    assert_eq!(secret["kind"], "file");
+    assert_eq!(secret["tool"], "read_text_file");
+    assert!(secret["call_id"].is_number());
+    assert!(
+        audits
+            .iter()
+            .any(|e| e["kind"] == "tool_call" && e["tool"] == "get_file_info"),
+        "{audits:#?}"
+    );
+    // Precise: nothing the policy allows (the server's package, the data
+    // tree) is reported. get_file_info may read time zone data.
+    for e in &audits {
+        let p = e["path"].as_str().unwrap_or("");
+        assert!(
+            e["kind"] == "tool_call"
+                || p == outside.join("secret.txt").display().to_string()
+                || (e["tool"] == "get_file_info" && p.starts_with("/usr/share/zoneinfo")),
+            "unexpected audit record {e}"
+        );
+    }
+
+    // 4. --diff: the same read is drift, named with its tool; exit 1.
     let drift = t.path().join("drift.jsonl");
     let mut child = Command::new(warden())
         .args(["learn", "--diff"])

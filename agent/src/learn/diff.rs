@@ -147,9 +147,7 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l.contains("net connect [::1]:9 outside tool calls")));
-        assert!(lines
-            .iter()
-            .any(|l| l.contains("tool_call call rm_rf") && l.contains("tools.allow")));
+        assert!(lines.contains(&"tools/call rm_rf (1 time); not in tools.allow".to_string()));
         let j = json_line(d.keys().next().unwrap(), 1);
         assert_eq!(j["drift"], true);
     }
