@@ -379,7 +379,7 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
         Some(&vec![format!("127.0.0.1:{known_port}")]),
         "{text}"
     );
-    assert!(rules.get("network.connect").is_none(), "{text}");
+    assert!(!rules.contains_key("network.connect"), "{text}");
     // The interpreter's install tree (under the home: ${HOME}).
     assert!(
         rules

@@ -164,6 +164,16 @@ impl Observations {
                     items.push((Section::Exec, s("path").to_string(), false));
                 }
             }
+            _ if s("family") == "unix" => {
+                // connect or sendmsg to a unix socket: a path, or an
+                // abstract name written with a leading '@'.
+                let p = s("path");
+                if p.starts_with('/') || p.starts_with('@') {
+                    items.push((Section::Unix, p.to_string(), false));
+                } else if !p.is_empty() {
+                    self.unresolved += 1;
+                }
+            }
             _ => match op {
                 "connect" | "sendmsg" | "bind" => {
                     let (Some(addr), Some(port)) = (
@@ -186,12 +196,6 @@ impl Observations {
                         Section::Connect
                     };
                     items.push((section, format!("{host}:{port}"), false));
-                }
-                "unix_connect" => {
-                    let p = s("path");
-                    if !p.is_empty() {
-                        items.push((Section::Unix, p.to_string(), false));
-                    }
                 }
                 _ => {}
             },
@@ -281,6 +285,10 @@ mod tests {
         o.ingest(
             &json!({"kind": "exec", "op": "exec", "decision": "allow", "path": "/usr/bin/node"}),
         );
+        o.ingest(
+            &json!({"kind": "net", "op": "sendmsg", "family": "unix", "decision": "audit",
+            "path": "/run/systemd/journal/socket", "calls_in_flight": []}),
+        );
         o.ingest(&json!({"kind": "tool_call", "tool": "w", "outcome": "ok"}));
         o.ingest(&json!({"kind": "tool_call", "tool": "x", "outcome": "refused"}));
         let k = |s: Scope, sec, t: &str| o.seen.get(&(s, sec, t.to_string())).cloned();
@@ -299,9 +307,10 @@ mod tests {
                 .unwrap()
                 .later
         );
-        assert_eq!(o.seen.len(), 5);
+        assert!(k(Scope::Server, Section::Unix, "/run/systemd/journal/socket").is_some());
+        assert_eq!(o.seen.len(), 6);
         assert_eq!(o.tools_called.get("w"), Some(&1));
         assert_eq!(o.tools_called.get("x"), None);
-        assert_eq!(o.audit_records.len(), 4);
+        assert_eq!(o.audit_records.len(), 5);
     }
 }
