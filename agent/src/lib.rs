@@ -7,6 +7,8 @@
 //! - [`kernel`] (load, attach, maps) and [`confine`] (cgroup, Landlock, seccomp)
 //! - [`events`] (decode -> enrich -> sinks)
 //! - [`policy`] (parse -> validate -> compile to map entries)
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod annotations;
 pub mod approval;
 pub mod cli;

@@ -49,8 +49,8 @@ pub fn layout(btf: &Btf) -> Result<SockAddrKernLayout, LayoutError> {
     };
     let ok = l.uaddr != 0
         && l.uaddrlen != 0
-        && l.uaddr % 8 == 0
-        && l.uaddrlen % 4 == 0
+        && l.uaddr.is_multiple_of(8)
+        && l.uaddrlen.is_multiple_of(4)
         && l.uaddr + 8 <= l.size
         && l.uaddrlen + 4 <= l.size
         && l.size <= 256;
