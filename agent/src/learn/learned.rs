@@ -209,6 +209,12 @@ impl Learned {
         let server = self.rules.get(&Scope::Server).unwrap_or(&empty);
         write_sections(&mut out, "", server);
         let _ = writeln!(out, "\n[tools]");
+        if self.tools.is_empty() {
+            let _ = writeln!(
+                out,
+                "# No tool was called while learning: every tools/call is refused."
+            );
+        }
         let _ = writeln!(out, "allow = [");
         for (t, n) in &self.tools {
             let _ = writeln!(out, "    # {}", plural(*n, "call"));

@@ -164,22 +164,22 @@ fn learn_policy(server: &str) -> Policy {
     }
 }
 
+/// The launched command (resolved from PATH) and its interpreters.
+fn launched_chain(cmd: &[OsString]) -> Vec<PathBuf> {
+    let Some(path) = cmd.first().and_then(|p| which::which(p).ok()) else {
+        return Vec::new();
+    };
+    match crate::confine::landlock::exec_chain(&path) {
+        Ok((c, _)) => c,
+        Err(_) => vec![path],
+    }
+}
+
 /// Trees of the launched command's interpreters: `<prefix>` of every
 /// `<prefix>/bin/<program>` in its exec chain, unless the prefix is a
 /// system-wide one (/usr, /usr/local, /), which the known trees cover.
 fn interpreter_trees(cmd: &[OsString], cx: &collapse::Context) -> Vec<String> {
-    let Some(prog) = cmd.first() else {
-        return Vec::new();
-    };
-    let path = match which::which(prog) {
-        Ok(p) => p,
-        Err(_) => return Vec::new(),
-    };
-    let chain = match crate::confine::landlock::exec_chain(&path) {
-        Ok((c, _)) => c,
-        Err(_) => vec![path],
-    };
-    chain
+    launched_chain(cmd)
         .iter()
         .filter_map(|p| {
             let bin = p.parent()?;
@@ -298,7 +298,8 @@ fn write_learned(
         trees: Vec::new(),
     };
     cx.trees = interpreter_trees(&args.cmd, &cx);
-    let mut l = learned::Learned::build(server, obs, &cx);
+    let obs = with_interpreters(obs, &launched_chain(&args.cmd));
+    let mut l = learned::Learned::build(server, &obs, &cx);
     let mut header = vec![
         format!(
             "Learned by `mcp-warden learn` on {} from:",
@@ -350,6 +351,34 @@ fn write_learned(
         l.tools.len()
     );
     Ok(())
+}
+
+/// A program the server ran needs its interpreters to be executable too
+/// (a `#!/bin/sh` script needs /bin/sh; the kernel reports only the
+/// script): add each one's chain where the program was seen.
+fn with_interpreters(obs: &record::Observations, launched: &[PathBuf]) -> record::Observations {
+    let mut out = obs.clone();
+    for ((scope, section, path), seen) in &obs.seen {
+        if *section != record::Section::Exec {
+            continue;
+        }
+        let Ok((chain, _)) = crate::confine::landlock::exec_chain(Path::new(path)) else {
+            continue;
+        };
+        // The launched command's own interpreters are always allowed.
+        for interp in chain.iter().skip(1).filter(|i| !launched.contains(i)) {
+            let key = (
+                scope.clone(),
+                record::Section::Exec,
+                interp.to_string_lossy().into_owned(),
+            );
+            let e = out.seen.entry(key).or_default();
+            e.count += seen.count;
+            e.at_start |= seen.at_start;
+            e.later |= seen.later;
+        }
+    }
+    out
 }
 
 /// Print the drift readably (stderr) and as JSON lines (`--out FILE`, or
