@@ -198,7 +198,9 @@ impl Learned {
     /// The policy as commented TOML.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
-        for h in &self.header {
+        // Header lines may hold anything (the command's arguments): every
+        // line of them is a comment line.
+        for h in self.header.iter().flat_map(|h| h.lines()) {
             let _ = writeln!(out, "# {h}");
         }
         let _ = writeln!(out, "version = 1");
