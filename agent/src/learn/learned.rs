@@ -186,6 +186,56 @@ impl Learned {
         self.normalize();
     }
 
+    /// Drop what a policy cannot express (a path with a glob character or a
+    /// `${`, an over-long path, a tool name outside the allowed
+    /// characters), each with a note in the header, so that what is
+    /// written always passes `mcp-warden check`.
+    pub fn drop_unwritable(&mut self, vars: &crate::policy::Vars) {
+        use crate::policy::values::{check_tool_name, parse_addr, parse_path, PathKind};
+        let mut notes = Vec::new();
+        for (scope, sections) in self.rules.iter_mut() {
+            for (section, set) in sections.iter_mut() {
+                set.retain(|rule, _| {
+                    let ok = match section {
+                        Section::Read | Section::Write => {
+                            parse_path(rule, PathKind::File, vars).is_ok()
+                        }
+                        Section::Exec => parse_path(rule, PathKind::Exec, vars).is_ok(),
+                        Section::Unix => parse_path(rule, PathKind::Unix, vars).is_ok(),
+                        Section::Connect => parse_addr(rule, false).is_ok(),
+                        Section::Bind => parse_addr(rule, true).is_ok(),
+                    };
+                    if !ok {
+                        notes.push(format!(
+                            "not written (a policy cannot express it): {} {rule:?}{}",
+                            section.verb(),
+                            match scope {
+                                Scope::Tool(t) => format!(" in tool {t}"),
+                                Scope::Server => String::new(),
+                            }
+                        ));
+                    }
+                    ok
+                });
+            }
+        }
+        let bad: Vec<String> = self
+            .tools
+            .keys()
+            .filter(|t| check_tool_name(t).is_err())
+            .cloned()
+            .collect();
+        for t in bad {
+            notes.push(format!(
+                "not written: tool name {t:?} is not a valid policy name"
+            ));
+            self.tools.remove(&t);
+            self.rules.remove(&Scope::Tool(t));
+        }
+        self.header.extend(notes);
+        self.normalize();
+    }
+
     /// Number of rules (every entry of every list, tools.allow excluded).
     pub fn rule_count(&self) -> usize {
         self.rules
@@ -520,5 +570,23 @@ mod tests {
         assert_eq!(rf.keys().collect::<Vec<_>>(), vec!["/srv/**"]);
         assert_eq!(rf["/srv/**"].count, 9);
         parse(&m.to_toml(), "merged.toml", &vars()).unwrap();
+
+        // What a policy cannot say is left out, with a note.
+        let mut odd = Learned::build("fs", &obs(), &cx);
+        odd.rules
+            .entry(Scope::Server)
+            .or_default()
+            .entry(Section::Read)
+            .or_default()
+            .insert("/srv/a*b".into(), Entry::default());
+        odd.tools.insert("bad name".into(), 1);
+        odd.drop_unwritable(&vars());
+        let text = odd.to_toml();
+        parse(&text, "odd.toml", &vars()).unwrap_or_else(|d| panic!("{text}\n{d:?}"));
+        assert!(
+            text.contains("# not written (a policy cannot express it): read \"/srv/a*b\""),
+            "{text}"
+        );
+        assert!(!text.contains("\"bad name\","), "{text}");
     }
 }

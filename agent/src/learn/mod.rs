@@ -323,6 +323,7 @@ fn write_learned(
         }
         l.merge(e);
     }
+    l.drop_unwritable(vars);
     header.append(&mut l.header);
     l.header = header;
     let text = l.to_toml();
