@@ -4,8 +4,9 @@
 //! 1. Under a known tree (runtime and library trees such as /usr/lib, the
 //!    interpreter's own prefix, a `node_modules`, `site-packages` or `.venv`
 //!    directory: the server's own package) -> that tree's `/dir/**`.
-//! 2. `/proc/<pid>/...` -> `/proc/**`: per-process entries cannot be named
-//!    ahead of time (the comment says why).
+//! 2. `/proc/<pid>/...` is left out, with a note: the server's own /proc
+//!    entries cannot be named ahead of time, and `/proc/**` would expose
+//!    every other process's (docs/backends-fallback.md).
 //! 3. A write that creates, removes or renames an entry, or a read of a
 //!    directory (a listing) -> the directory's `/dir/**`, since that is
 //!    where the kernel checks the right.
@@ -165,15 +166,23 @@ fn merge_seen(into: &mut Seen, s: &Seen) {
     into.dir_write |= s.dir_write;
 }
 
-/// `/proc/<digits>/...` or `/proc/thread-self/...`.
-fn per_process_proc(p: &str) -> bool {
-    let Some(rest) = p.strip_prefix("/proc/") else {
-        return false;
+/// `/proc/<digits>/...`, `/proc/self/...` or `/proc/thread-self/...`, as
+/// `/proc/self/...` (thread ids folded to `TID`).
+fn per_process_proc(p: &str) -> Option<String> {
+    let rest = p.strip_prefix("/proc/")?;
+    let (first, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let pid = !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit());
+    if !(pid || first == "self" || first == "thread-self") {
+        return None;
+    }
+    let tail = match tail.split_once('/') {
+        Some(("task", t)) => {
+            let (_, after) = t.split_once('/').unwrap_or((t, ""));
+            format!("task/TID/{after}")
+        }
+        _ => tail.to_string(),
     };
-    let first = rest.split('/').next().unwrap_or("");
-    (!first.is_empty() && first.bytes().all(|b| b.is_ascii_digit()))
-        || first == "self"
-        || first == "thread-self"
+    Some(format!("/proc/self/{tail}"))
 }
 
 /// Collapse the observed paths of one section. `dir_rights`: the section
@@ -200,13 +209,13 @@ pub fn collapse(
             add(tree, true, s, Some(why));
             continue;
         }
-        if per_process_proc(path) {
-            add(
-                "/proc".to_string(),
-                true,
-                s,
-                Some("per-process /proc entries"),
-            );
+        if let Some(own) = per_process_proc(path) {
+            left_out.push((
+                own,
+                "a rule cannot name the server's own /proc/PID ahead of time, and \
+                 /proc/** would expose other processes' environment; add \"/proc/**\" \
+                 yourself if the server fails without it",
+            ));
             continue;
         }
         let is_dir = Path::new(path).is_dir();
@@ -387,7 +396,7 @@ mod tests {
                 "/home/ann/c",
                 "/home/ann/proj/out/**",
                 "/opt/node20/**",
-                "/proc/**",
+                "/proc/meminfo",
                 "/srv/app/node_modules/**",
                 "/tmp/x",
                 "/usr/lib/**",

@@ -110,11 +110,14 @@ impl Learned {
                     e.notes.extend(notes_for(&c.seen, c.why, c.paths, &scope));
                 }
                 for (p, why) in left_out {
-                    l.header.push(format!(
+                    let note = format!(
                         "not granted: {} {} ({why})",
                         section.verb(),
                         with_home_var(&p, &cx.home)
-                    ));
+                    );
+                    if !l.header.contains(&note) {
+                        l.header.push(note);
+                    }
                 }
             } else {
                 for (t, s) in targets {
