@@ -212,9 +212,9 @@ pub fn collapse(
         if let Some(own) = per_process_proc(path) {
             left_out.push((
                 own,
-                "a rule cannot name the server's own /proc/PID ahead of time, and \
-                 /proc/** would expose other processes' environment; add \"/proc/**\" \
-                 yourself if the server fails without it",
+                "the server's own /proc/PID cannot be named ahead of time, and /proc/** \
+                 would expose other processes' environment: add \"/proc/**\" only if \
+                 the server fails without these",
             ));
             continue;
         }

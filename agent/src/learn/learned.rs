@@ -95,6 +95,8 @@ impl Learned {
             tools: obs.tools_called.clone(),
             ..Default::default()
         };
+        // (verb, reason) -> paths left out, for one note each.
+        let mut left: BTreeMap<(&str, &str), BTreeSet<String>> = BTreeMap::new();
         for ((scope, section), targets) in by {
             let set = l
                 .rules
@@ -110,14 +112,9 @@ impl Learned {
                     e.notes.extend(notes_for(&c.seen, c.why, c.paths, &scope));
                 }
                 for (p, why) in left_out {
-                    let note = format!(
-                        "not granted: {} {} ({why})",
-                        section.verb(),
-                        with_home_var(&p, &cx.home)
-                    );
-                    if !l.header.contains(&note) {
-                        l.header.push(note);
-                    }
+                    left.entry((section.verb(), why))
+                        .or_default()
+                        .insert(with_home_var(&p, &cx.home));
                 }
             } else {
                 for (t, s) in targets {
@@ -126,6 +123,12 @@ impl Learned {
                     e.notes.extend(notes_for(&s, None, 1, &scope));
                 }
             }
+        }
+        for ((verb, why), paths) in left {
+            let paths: Vec<String> = paths.into_iter().collect();
+            l.header
+                .push(format!("not granted: {verb} {}", paths.join(", ")));
+            l.header.push(format!("  ({why})"));
         }
         l.normalize();
         l
