@@ -433,6 +433,50 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
     assert_eq!(denials[0]["tool"], "fetch");
     assert!(denials[0]["call_id"].is_number());
 
+    // The learned policy in audit mode: the new peer and a program the
+    // policy does not allow both go through, reported as `audit` and
+    // attributed; so is the call of a tool tools.allow leaves out.
+    let sc = Scenario::new(
+        "learn-py-audit",
+        &policy.replace("mode = \"enforce\"", "mode = \"audit\""),
+    );
+    let steps = json!([
+        {"tool": "fetch", "args": {"port": new_port}},
+        {"tool": "run_true", "args": {}},
+    ]);
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results.len(), 2, "{results:#?}\n{}", run.stderr);
+    assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert_eq!(results[1]["text"], "exit=0", "{results:#?}");
+    assert!(
+        run.events
+            .iter()
+            .all(|e| e["decision"] != "deny" || own_proc_entry(e)),
+        "{:#?}",
+        run.events
+    );
+    let audit = |kind: &str, tool: &str| -> Vec<&Value> {
+        run.events
+            .iter()
+            .filter(|e| e["decision"] == "audit" && e["kind"] == kind && e["tool"] == tool)
+            .collect()
+    };
+    let net = audit("net", "fetch");
+    assert!(
+        net.iter()
+            .any(|e| e["port"] == new_port && e["call_id"].is_number()),
+        "{:#?}",
+        run.events
+    );
+    let exec = audit("exec", "run_true");
+    assert!(
+        exec.iter()
+            .any(|e| e["path"].as_str().is_some_and(|p| p.ends_with("/true"))),
+        "{:#?}",
+        run.events
+    );
+    assert_eq!(audit("tool_call", "run_true").len(), 1, "{:#?}", run.events);
+
     // --merge: a second run that also calls compute; the union stays free
     // of duplicates and about as small, and keeps what both runs saw.
     let merged = t.path().join("merged.toml");
