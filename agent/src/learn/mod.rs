@@ -237,7 +237,10 @@ async fn learn(args: LearnArgs) -> Result<i32, LearnError> {
         return Err(LearnError::NeedRoot);
     }
     let policy = Arc::new(policy);
-    let obs = Arc::new(Mutex::new(record::Observations::default()));
+    let obs = Arc::new(Mutex::new(record::Observations {
+        keep_audit: args.diff.is_some(),
+        ..Default::default()
+    }));
     let mut sinks = Sinks::default();
     sinks.push(Box::new(record::Recorder(obs.clone())));
     if let Some(p) = &args.events {

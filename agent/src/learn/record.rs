@@ -92,8 +92,11 @@ pub struct Observations {
     pub tools_called: BTreeMap<String, u64>,
     /// A tool call has begun (later server-scope events are "between calls").
     pub calls_began: bool,
-    /// Records that carried a would-be refusal (`decision = audit`).
+    /// Records that carried a would-be refusal (`decision = audit`), kept
+    /// only when `keep_audit` is set (`--diff`; a learn run would keep
+    /// every record of the run).
     pub audit_records: Vec<Value>,
+    pub keep_audit: bool,
     /// Refusals the policy cannot lift (seccomp, capabilities): noted only.
     pub hard_denials: BTreeMap<String, u64>,
     /// File operations whose path could not be resolved.
@@ -110,10 +113,8 @@ impl Observations {
             if matches!(s("outcome"), "ok" | "error" | "cancelled") && !tool.is_empty() {
                 *self.tools_called.entry(tool.to_string()).or_default() += 1;
             }
-            if s("decision") == "audit" {
+            if s("decision") == "audit" && self.keep_audit {
                 self.audit_records.push(rec.clone());
-            } else if rec.get("outcome").is_none() {
-                // Not a record of a finished call.
             }
             return;
         }
@@ -121,7 +122,7 @@ impl Observations {
             return;
         }
         let decision = s("decision");
-        if decision == "audit" {
+        if decision == "audit" && self.keep_audit {
             self.audit_records.push(rec.clone());
         }
         let op = s("op");
@@ -272,7 +273,10 @@ mod tests {
 
     #[test]
     fn records_become_observations() {
-        let mut o = Observations::default();
+        let mut o = Observations {
+            keep_audit: true,
+            ..Default::default()
+        };
         o.ingest(&json!({"kind": "file", "op": "open", "decision": "audit",
             "access": "read", "path": "/usr/lib/x.so", "calls_in_flight": []}));
         o.note_call_began();
