@@ -72,6 +72,8 @@ pub struct Host {
     control: mpsc::Sender<Control>,
     reader: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
     backend: &'static str,
+    /// bpf-lsm with every path mutation hook (false on Linux 6.1).
+    lsm_mutations: bool,
     approvals: crate::approval::Approvals,
     _approval_socket: Option<crate::approval::ServeGuard>,
 }
@@ -80,6 +82,8 @@ impl Host {
     /// Load the kernel programs and start the event reader.
     pub fn start(sinks: Sinks) -> Result<Self, HostError> {
         let mut kernel = Kernel::load()?;
+        let backend = kernel.backend();
+        let lsm_mutations = kernel.lsm_mutations();
         let metrics = Metrics::new()?;
         for (hook, on) in &kernel.capabilities().hooks {
             metrics
@@ -110,7 +114,8 @@ impl Host {
             next_id: AtomicU32::new(1),
             control,
             reader: Some(reader),
-            backend: "fallback",
+            backend,
+            lsm_mutations,
             _approval_socket: match approvals.serve() {
                 Ok(g) => Some(g),
                 Err(e) => {
@@ -223,18 +228,53 @@ impl Host {
             .map_err(|_| HostError::Poisoned)?
             .insert(cg.id(), session.clone());
 
+        let backend = self.backend;
         // Opens a file per rule and lists directories: off the runtime.
         let prepared = {
             let policy = policy.clone();
             let cmd_path = cmd_path.clone();
-            tokio::task::spawn_blocking(move || crate::confine::Prepared::new(&policy, &cmd_path))
-                .await
-                .map_err(|e| HostError::Reader(std::io::Error::other(e)))??
+            use crate::confine::landlock::FilesBy;
+            let by = match (
+                backend == crate::kernel::lsm::BACKEND_LSM,
+                self.lsm_mutations,
+            ) {
+                (false, _) => FilesBy::Landlock,
+                (true, true) => FilesBy::BpfLsm,
+                (true, false) => FilesBy::BpfLsmExceptMutations,
+            };
+            tokio::task::spawn_blocking(move || {
+                crate::confine::Prepared::new_for(&policy, &cmd_path, by)
+            })
+            .await
+            .map_err(|e| HostError::Reader(std::io::Error::other(e)))??
         };
         let confinement = prepared.report();
         for w in &confinement.landlock.warnings {
             log::warn!("{}: {w}", policy.server);
         }
+        // BPF-LSM: files and exec rules, with the command and its
+        // interpreters always runnable, in force before the fork.
+        let files = if backend == crate::kernel::lsm::BACKEND_LSM {
+            let mut always = vec![cmd_path.to_string_lossy().into_owned()];
+            if let Ok(c) = std::fs::canonicalize(&cmd_path) {
+                always.push(c.to_string_lossy().into_owned());
+            }
+            always.extend(
+                confinement
+                    .landlock
+                    .interpreters
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned()),
+            );
+            let files = compile::compile_files(&policy, policy_id, &always)?;
+            self.kernel
+                .lock()
+                .map_err(|_| HostError::Poisoned)?
+                .install_files(&files, None)?;
+            files
+        } else {
+            Vec::new()
+        };
         let procs = cg.procs_file()?;
         let procs_fd = procs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(&cmd_path);
@@ -309,6 +349,7 @@ impl Host {
             cgroup: Some(cg),
             links: Some(links),
             net,
+            files,
             child,
             dns_task,
             accountant: Some(accountant),
@@ -349,6 +390,7 @@ impl Host {
         {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
             k.remove_net(&inst.net)?;
+            k.remove_files(&inst.files)?;
         }
         inst.session.unregister()?;
         self.sessions
@@ -386,6 +428,8 @@ pub struct Instance {
     cgroup: Option<InstanceCgroup>,
     links: Option<CgroupLinks>,
     net: compile::CompiledNet,
+    /// BPF-LSM file/exec entries of this instance (empty on the fallback).
+    files: Vec<compile::FileEntry>,
     pub child: tokio::process::Child,
     dns_task: Option<tokio::task::JoinHandle<()>>,
     accountant: Option<tokio::task::JoinHandle<()>>,

@@ -577,6 +577,12 @@ impl Session {
         if self.policy.mode != Mode::Audit || !(file || exec) {
             return Some((*ev, None));
         }
+        // BPF-LSM judged opens and execs itself (and reported what it would
+        // refuse): what reaches here from the syscall exit was allowed.
+        let lsm = self.info.backend == crate::kernel::lsm::BACKEND_LSM;
+        if lsm && (exec || ev.op == op::OPEN) {
+            return (exec || !self.emit_allowed_off()).then_some((*ev, None));
+        }
         let passed = {
             let end = ev
                 .path

@@ -14,6 +14,7 @@ pub mod maps {
     pub const EVENTS: &str = "mw_events";
     pub const STATS: &str = "mw_stats";
     pub const SYSCALLS: &str = "mw_syscalls";
+    pub const FILE_RULES: &str = "mw_files";
     pub const BYTES: &str = "mw_bytes";
 }
 
@@ -37,6 +38,21 @@ pub mod programs {
     /// BPF_CGROUP_UNIX_CONNECT / UNIX_SENDMSG (aya 0.14 cannot).
     pub const UNIX_CONNECT: &str = "mw_unix_connect";
     pub const UNIX_SENDMSG: &str = "mw_unix_sendmsg";
+    /// BPF-LSM backend (ebpf/src/lsm.rs): (program, LSM hook).
+    pub const LSM_HOOKS: [(&str, &str); 12] = [
+        ("mw_file_open", "file_open"),
+        ("mw_path_unlink", "path_unlink"),
+        ("mw_path_rmdir", "path_rmdir"),
+        ("mw_path_mkdir", "path_mkdir"),
+        ("mw_path_rename", "path_rename"),
+        ("mw_path_link", "path_link"),
+        ("mw_path_symlink", "path_symlink"),
+        ("mw_path_truncate", "path_truncate"),
+        ("mw_path_chmod", "path_chmod"),
+        ("mw_path_chown", "path_chown"),
+        ("mw_bprm_check", "bprm_check_security"),
+        ("mw_ptrace_check", "ptrace_access_check"),
+    ];
 }
 
 /// Bit 0 of every rule mask: the rule belongs to the server itself and holds
@@ -97,6 +113,9 @@ pub mod op {
     pub const TRUNCATE: u32 = 14;
     pub const CHMOD: u32 = 15;
     pub const CHOWN: u32 = 16;
+    pub const RMDIR: u32 = 17;
+    /// ptrace or /proc access to another process (`port` holds its tgid).
+    pub const PTRACE: u32 = 18;
 }
 
 /// Rule key kind: what an address rule grants.
@@ -207,6 +226,84 @@ pub struct PathRule {
     pub subtree: u32,
     /// Length in bytes of the rule's path (exact rules match only this length).
     pub len: u32,
+}
+
+/// File paths (BPF-LSM backend): LPM over (policy id, path bytes). The
+/// kernel caps LPM keys at 256 bytes of data, so 252 bytes of path; longer
+/// paths are judged on their first 252 bytes (only a subtree can match).
+pub const FILE_PATH_MAX: usize = 252;
+pub const FILE_KEY_FIXED_BITS: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileKey {
+    pub policy_id: [u8; 4],
+    pub path: [u8; FILE_PATH_MAX],
+}
+
+impl Default for FileKey {
+    fn default() -> Self {
+        Self {
+            policy_id: [0; 4],
+            path: [0; FILE_PATH_MAX],
+        }
+    }
+}
+
+/// Access kinds, the first index of `FileRule::layers`.
+pub mod access {
+    pub const READ: usize = 0;
+    pub const WRITE: usize = 1;
+    pub const EXEC: usize = 2;
+    pub const COUNT: usize = 3;
+}
+
+/// Rules of one specificity (one rule path) covering an entry: the rule
+/// sets granting the access there, and those denying it there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileLayer {
+    pub grant: u64,
+    pub deny: u64,
+}
+
+/// Nested rule paths over one entry that can decide it (per access kind).
+pub const MAX_FILE_LAYERS: usize = 8;
+
+/// LPM value for a path entry. For each access kind, the rule paths that
+/// cover this entry, most specific first: the first layer naming any rule
+/// set in force decides ("the most specific rule among all rules in force
+/// decides"; at equal specificity deny wins). The compiler folds the rules
+/// of every enclosing subtree in, so one lookup is enough.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRule {
+    pub counts: [u32; 4],
+    pub layers: [[FileLayer; MAX_FILE_LAYERS]; access::COUNT],
+}
+
+impl FileRule {
+    /// Does `active_mask` hold `access` (an `access::*` index) here?
+    #[inline(always)]
+    pub fn allows(&self, access: usize, active_mask: u64) -> bool {
+        if access >= access::COUNT {
+            return false;
+        }
+        let n = self.counts[access];
+        let layers = &self.layers[access];
+        let mut i = 0;
+        while i < MAX_FILE_LAYERS {
+            if i as u32 >= n {
+                break;
+            }
+            let l = &layers[i];
+            if (l.grant | l.deny) & active_mask != 0 {
+                return l.deny & active_mask == 0;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 /// Event kinds (ring buffer `Event::kind`) and stats indices.
@@ -330,6 +427,9 @@ const _: () = assert!(core::mem::size_of::<PortRule>() == 16);
 const _: () = assert!(core::mem::size_of::<NetRule>() == 8 + 16 * MAX_PORT_RULES);
 const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
 const _: () = assert!(core::mem::size_of::<PathRule>() == 16);
+const _: () = assert!(core::mem::size_of::<FileKey>() == 256);
+const _: () =
+    assert!(core::mem::size_of::<FileRule>() == 16 + 16 * MAX_FILE_LAYERS * access::COUNT);
 const _: () = assert!(core::mem::size_of::<Event>() == 80 + 16 + COMM_LEN + EVENT_PATH_LEN);
 const _: () = assert!(core::mem::size_of::<SyscallKey>() == 24);
 const _: () = assert!(core::mem::size_of::<BytesKey>() == 24);
@@ -345,6 +445,8 @@ mod pod {
     unsafe impl aya::Pod for NetRule {}
     unsafe impl aya::Pod for UnixKey {}
     unsafe impl aya::Pod for PathRule {}
+    unsafe impl aya::Pod for FileKey {}
+    unsafe impl aya::Pod for FileRule {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for SyscallKey {}
     unsafe impl aya::Pod for BytesKey {}

@@ -46,9 +46,11 @@ pub struct Pending {
 /// AT_FDCWD (-100) as the u32 the event carries.
 const AT_FDCWD: u32 = -100i32 as u32;
 
-/// Keyed by pid_tgid (the thread). Entries live from enter to exit.
+/// Keyed by pid_tgid (the thread). Entries live from enter to exit. A
+/// BPF-LSM hook that refuses (and reports) removes the thread's entry, so
+/// only refusals nobody reported are audited here.
 #[map(name = "mw_pending")]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
+pub(crate) static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
 
 const EACCES: i64 = 13;
 const EPERM: i64 = 1;

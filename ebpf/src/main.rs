@@ -8,6 +8,7 @@
 mod audit;
 mod bytes;
 mod event;
+mod lsm;
 mod maps;
 mod net;
 mod proc;

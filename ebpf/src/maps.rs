@@ -3,7 +3,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use mcp_warden_common::{kind, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey};
+use mcp_warden_common::{
+    kind, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey,
+};
 
 /// Confined cgroups: cgroup id -> instance state. Written only by the agent.
 #[map(name = "mw_instances")]
@@ -17,6 +19,10 @@ pub static NET6_RULES: LpmTrie<Net6Key, NetRule> = LpmTrie::with_max_entries(655
 
 #[map(name = "mw_unix")]
 pub static UNIX_RULES: LpmTrie<UnixKey, PathRule> = LpmTrie::with_max_entries(16384, 0);
+
+/// File and exec rules of the BPF-LSM backend.
+#[map(name = "mw_files")]
+pub static FILE_RULES: LpmTrie<FileKey, FileRule> = LpmTrie::with_max_entries(65536, 0);
 
 /// 8 MiB: about 22k events of 368 bytes before the first loss.
 #[map(name = "mw_events")]

@@ -590,6 +590,30 @@ fn wants_abstract_unix(policy: &Policy) -> bool {
 
 /// Build the ruleset for `policy` and the command at `cmd_path`.
 pub fn prepare(policy: &Policy, cmd_path: &Path) -> Result<PreparedRuleset, LandlockError> {
+    prepare_for(policy, cmd_path, FilesBy::Landlock)
+}
+
+/// Which layer enforces the file rights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilesBy {
+    /// Fallback backend: every file right from the policy.
+    Landlock,
+    /// BPF-LSM does files and exec itself, per tool call: Landlock grants
+    /// every file right beneath `/` and keeps only its scopes (it sits
+    /// before BPF in the LSM order and would otherwise refuse first).
+    BpfLsm,
+    /// BPF-LSM does open and exec, but this kernel refuses its path
+    /// mutation hooks (Linux 6.1): Landlock keeps the mutation rights
+    /// (make_*, remove_*, refer, truncate) from the policy.
+    BpfLsmExceptMutations,
+}
+
+/// As [`prepare`], with the file rights enforced as `by` says.
+pub fn prepare_for(
+    policy: &Policy,
+    cmd_path: &Path,
+    by: FilesBy,
+) -> Result<PreparedRuleset, LandlockError> {
     let kabi = kernel_abi().map_err(LandlockError::Unavailable)?;
     if kabi < 1 {
         return Err(LandlockError::Unavailable(io::Error::from_raw_os_error(
@@ -631,7 +655,28 @@ pub fn prepare(policy: &Policy, cmd_path: &Path) -> Result<PreparedRuleset, Land
     let mut warnings = std::mem::take(&mut grants.warnings);
     warnings.extend(notes);
     let mut split_dirs = Vec::new();
-    let mut rules = apply_denies(grants.policy, &denies, &mut split_dirs, &mut warnings);
+    let mut rules = match by {
+        FilesBy::Landlock => apply_denies(grants.policy, &denies, &mut split_dirs, &mut warnings),
+        FilesBy::BpfLsm => {
+            warnings.push(
+                "files and exec are enforced by BPF-LSM; Landlock grants every file right".into(),
+            );
+            std::iter::once((PathBuf::from("/"), requested_fs)).collect()
+        }
+        FilesBy::BpfLsmExceptMutations => {
+            warnings.push(
+                "opens and exec are enforced by BPF-LSM; creating, removing, renaming and \
+                 truncating by Landlock (this kernel's BPF-LSM path hooks cannot name paths)"
+                    .into(),
+            );
+            let mut r = apply_denies(grants.policy, &denies, &mut split_dirs, &mut warnings);
+            let open_rights =
+                (AccessFs::ReadFile | AccessFs::ReadDir | AccessFs::WriteFile | AccessFs::Execute)
+                    & requested_fs;
+            *r.entry(PathBuf::from("/")).or_insert(BitFlags::EMPTY) |= open_rights;
+            r
+        }
+    };
     for (p, a) in grants.always {
         *rules.entry(p).or_insert(BitFlags::EMPTY) |= a;
     }

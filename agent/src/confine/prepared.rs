@@ -105,12 +105,24 @@ impl Prepared {
     /// the capability drop. `cmd_path` is the file that will be executed
     /// (resolved from PATH by the caller).
     pub fn new(policy: &Policy, cmd_path: &Path) -> Result<Prepared, ConfineError> {
-        let mut ruleset = ll::prepare(policy, cmd_path)?;
+        Self::new_for(policy, cmd_path, ll::FilesBy::Landlock)
+    }
+
+    /// As [`Prepared::new`], with the file rights enforced as `by` says
+    /// (the BPF-LSM backend takes them over, see `landlock::FilesBy`).
+    pub fn new_for(
+        policy: &Policy,
+        cmd_path: &Path,
+        by: ll::FilesBy,
+    ) -> Result<Prepared, ConfineError> {
+        let mut ruleset = ll::prepare_for(policy, cmd_path, by)?;
+        // Audit mode applies no Landlock ruleset at all, on any backend
+        // (its scopes would refuse without telling either).
         let audit = policy.mode == crate::policy::model::Mode::Audit;
         if audit {
             ruleset.report.warnings.push(
                 "mode = audit: the Landlock ruleset is not applied; file and exec \
-                 operations are judged against the policy in userspace and reported"
+                 operations are judged against the policy and reported"
                     .to_string(),
             );
         }

@@ -57,6 +57,8 @@ pub fn op_name(o: u32) -> &'static str {
         op::TRUNCATE => "truncate",
         op::CHMOD => "chmod",
         op::CHOWN => "chown",
+        op::RMDIR => "rmdir",
+        op::PTRACE => "ptrace",
         _ => "unknown",
     }
 }
@@ -248,6 +250,9 @@ pub fn kernel_record(ev: &Event, info: &InstanceInfo, attr: &Attribution) -> Val
         kind::FILE | kind::EXEC | kind::PROC => {
             if ev.kind == kind::FILE && ev.op == op::OPEN {
                 m.insert("access".into(), Value::String(open_access(ev.protocol)));
+            }
+            if ev.op == op::PTRACE {
+                m.insert("target_pid".into(), json!(ev.port));
             }
             let p = cstr(&ev.path);
             m.insert(

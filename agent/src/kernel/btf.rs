@@ -262,7 +262,7 @@ impl Btf {
                 strukt: strukt.into(),
                 member: member.into(),
             }),
-            Some((bits, _)) if bits % 8 == 0 => Ok(bits / 8),
+            Some((bits, _)) if bits.is_multiple_of(8) => Ok(bits / 8),
             Some(_) => Err(BtfError::Bitfield {
                 strukt: strukt.into(),
                 member: member.into(),

@@ -3,6 +3,7 @@
 //! sessions. Every failure here is an error the caller must surface: an
 //! enforcement hook that did not attach is never silently skipped.
 pub mod btf;
+pub mod lsm;
 pub mod raw;
 pub mod unix;
 
@@ -21,11 +22,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, BytesKey, InstanceState, Net4Key, Net6Key, NetRule, PathRule, SyscallKey,
-    UnixKey,
+    kind, maps, programs, BytesKey, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule,
+    PathRule, SyscallKey, UnixKey,
 };
 
-use crate::policy::compile::CompiledNet;
+use crate::policy::compile::{CompiledNet, FileEntry};
 
 /// The eBPF object built by agent/build.rs. Empty when the agent was built
 /// without bpf-linker.
@@ -62,6 +63,11 @@ pub enum KernelError {
     Link(#[from] LinkError),
     #[error("{0}")]
     Raw(#[from] raw::RawError),
+    #[error(
+        "the kernel accepts LSM programs but a BPF-LSM hook failed, so the backend is not \
+         claimed: {0}"
+    )]
+    Lsm(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -121,6 +127,9 @@ pub struct Kernel {
     _tracepoints: Vec<FdLink>,
     /// The unix connect/sendmsg programs, when this kernel has them.
     unix_progs: Vec<raw::RawProgram>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
+    backend: &'static str,
+    _lsm_links: Vec<(&'static str, FdLink)>,
     caps: Capabilities,
 }
 
@@ -178,18 +187,53 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        // Struct offsets the unix hooks need, from this kernel's BTF.
-        let unix_layout = btf::Btf::from_sys_fs()
-            .map_err(unix::LayoutError::from)
-            .and_then(|b| unix::layout(&b));
+        // Struct offsets the unix and LSM hooks need, from this kernel's BTF.
+        let kbtf = btf::Btf::from_sys_fs();
+        let unix_layout: Result<unix::SockAddrKernLayout, String> = match &kbtf {
+            Ok(b) => unix::layout(b).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let lsm_offsets: Result<lsm::Offsets, String> = match &kbtf {
+            Ok(b) => lsm::offsets(b).map_err(|e| format!("reading struct offsets: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        // The backend: BPF-LSM where the kernel accepts LSM programs.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
+        let lsm_ready: Result<(), String> = aya_btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(lsm::probe)
+            .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
         let mut loader = EbpfLoader::new();
+        if let Ok(o) = &lsm_offsets {
+            lsm::set_globals(&mut loader, o);
+        }
         if let Ok(l) = &unix_layout {
             loader
                 .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
                 .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
         }
         let mut ebpf = loader.load(OBJECT)?;
+        let (backend, lsm_links) = match (&lsm_ready, &aya_btf) {
+            (Ok(()), Ok(b)) => {
+                let links = lsm::attach_all(&mut ebpf, b).map_err(KernelError::Lsm)?;
+                log::info!(
+                    "backend: bpf-lsm ({} hooks; offsets {:?})",
+                    links.len(),
+                    lsm_offsets.as_ref().map(|o| &o.0)
+                );
+                (lsm::BACKEND_LSM, links)
+            }
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                log::info!("backend: fallback (BPF-LSM not available: {e})");
+                (lsm::BACKEND_FALLBACK, Vec::new())
+            }
+        };
         let mut caps = Capabilities::default();
+        for (_, hook) in programs::LSM_HOOKS {
+            caps.hooks
+                .insert(hook, lsm_links.iter().any(|(h, _)| *h == hook));
+        }
         let unix_progs = match &unix_layout {
             Ok(l) => match unix::load(&ebpf, OBJECT) {
                 Ok(p) => {
@@ -290,6 +334,11 @@ impl Kernel {
                 .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
         )
         .map_err(map_err(maps::SYSCALLS))?;
+        let files = LpmTrie::try_from(
+            ebpf.take_map(maps::FILE_RULES)
+                .ok_or(KernelError::MissingMap(maps::FILE_RULES))?,
+        )
+        .map_err(map_err(maps::FILE_RULES))?;
         let instances = HashMap::try_from(
             ebpf.take_map(maps::INSTANCES)
                 .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
@@ -332,8 +381,53 @@ impl Kernel {
             events: Some(events),
             _tracepoints: tracepoints,
             unix_progs,
+            files,
+            backend,
+            _lsm_links: lsm_links,
             caps,
         })
+    }
+
+    /// `bpf-lsm` or `fallback`: which backend enforces files and exec.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// On bpf-lsm: does every path-mutation hook run (Linux 6.1 refuses
+    /// bpf_d_path in them)? When not, Landlock keeps the mutation rights.
+    pub fn lsm_mutations(&self) -> bool {
+        programs::LSM_HOOKS
+            .iter()
+            .all(|(_, h)| self._lsm_links.iter().any(|(l, _)| l == h))
+    }
+
+    /// Install file/exec entries (BPF-LSM backend); entries of `old` not in
+    /// `new` are removed afterwards, so a refresh never opens a gap.
+    pub fn install_files(
+        &mut self,
+        new: &[FileEntry],
+        old: Option<&[FileEntry]>,
+    ) -> Result<(), KernelError> {
+        for (plen, k, v) in new {
+            self.files
+                .insert(&Key::new(*plen, *k), v, 0)
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        for (plen, k, _) in old.unwrap_or_default() {
+            if !new.iter().any(|(p, n, _)| p == plen && n == k) {
+                ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                    .map_err(map_err(maps::FILE_RULES))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_files(&mut self, entries: &[FileEntry]) -> Result<(), KernelError> {
+        for (plen, k, _) in entries {
+            ignore_missing(self.files.remove(&Key::new(*plen, *k)))
+                .map_err(map_err(maps::FILE_RULES))?;
+        }
+        Ok(())
     }
 
     pub fn capabilities(&self) -> &Capabilities {

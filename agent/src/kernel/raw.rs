@@ -164,6 +164,30 @@ pub fn load_sock_addr(
     }
 }
 
+/// Can this kernel load an LSM program at all? Loads `r0 = 0; exit` for
+/// the LSM hook whose `bpf_lsm_*` function has BTF id `attach_btf_id`, and
+/// closes it at once. EPERM / EINVAL mean: no BPF-LSM here.
+pub fn probe_lsm(attach_btf_id: u32) -> std::io::Result<()> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0; then BPF_JMP | BPF_EXIT.
+    // SAFETY: bpf_insn is plain data; all-zero is `r0 = r0 + 0`-like noise
+    // we overwrite with the opcodes (registers and immediates stay 0).
+    let mut insns: [bpf_insn; 2] = unsafe { std::mem::zeroed() };
+    insns[0].code = 0xb7;
+    insns[1].code = 0x95;
+    let license = c"GPL";
+    // SAFETY: bpf_attr is plain data; all-zero is the kernel's default.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_PROG_LOAD member of the union.
+    let u = unsafe { &mut attr.__bindgen_anon_3 };
+    u.prog_type = bpf_prog_type::BPF_PROG_TYPE_LSM as u32;
+    u.expected_attach_type = bpf_attach_type::BPF_LSM_MAC as u32;
+    u.attach_btf_id = attach_btf_id;
+    u.insns = insns.as_ptr() as u64;
+    u.insn_cnt = insns.len() as u32;
+    u.license = license.as_ptr() as u64;
+    sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map(drop)
+}
+
 /// Attach `prog` to the cgroup `target` with a bpf_link. Dropping the
 /// returned fd detaches it.
 pub fn link_cgroup(

@@ -19,6 +19,10 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mcp_warden_common::{
+    access, FileKey, FileLayer, FileRule, FILE_KEY_FIXED_BITS, FILE_PATH_MAX, MAX_FILE_LAYERS,
+    SERVER_BIT,
+};
+use mcp_warden_common::{
     rule_kind, Net4Key, Net6Key, NetRule, PortRule, UnixKey, MAX_PORT_RULES, MAX_TOOLS_WITH_RULES,
     NET_KEY_FIXED_BITS, UNIX_PATH_MAX,
 };
@@ -53,6 +57,16 @@ pub enum CompileError {
     TooManyTools { count: usize, max: usize },
     #[error("unix socket rule `{path}`: {reason}")]
     BadUnixPath { path: String, reason: String },
+    #[error("file rule `{path}`: {reason}")]
+    BadFilePath { path: String, reason: String },
+    #[error(
+        "`{path}` lies under {count} nested rules for one access; the kernel entry holds {max}"
+    )]
+    TooDeep {
+        path: String,
+        count: usize,
+        max: usize,
+    },
 }
 
 /// The rule sets of a policy with their mask bits: the server's, then each
@@ -304,6 +318,138 @@ fn compile_unix(
         ));
     }
     Ok(out)
+}
+
+/// File and exec entries of the BPF-LSM backend: `(LPM prefix length,
+/// key, value)`.
+pub type FileEntry = (u32, FileKey, FileRule);
+
+/// What a file rule item says about its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileGrant {
+    Access(usize),
+    Deny,
+}
+
+/// Compile `[files]` and `[exec]` of every rule set for the BPF-LSM
+/// backend (ebpf/src/lsm.rs). `always_exec` are files the server may
+/// always run and read (the launched command and its interpreters).
+///
+/// Keys are built like the unix ones: a subtree `/d/**` is keyed `/d/`
+/// (and its directory `/d` as an exact entry, so the directory itself can
+/// be listed), an exact path with its NUL. Each entry's value lists, per
+/// access kind, the rule paths covering it from the most specific down,
+/// with the rule sets granting or denying there.
+pub fn compile_files(
+    policy: &Policy,
+    policy_id: u32,
+    always_exec: &[String],
+) -> Result<Vec<FileEntry>, CompileError> {
+    let sets = rule_sets(policy)?;
+    // (key bytes, grant, mask) of every rule item.
+    let mut items: Vec<(Vec<u8>, FileGrant, u64)> = Vec::new();
+    let mut add =
+        |r: &super::model::PathRule, g: FileGrant, mask: u64| -> Result<(), CompileError> {
+            let bad = |reason: String| CompileError::BadFilePath {
+                path: r.path().to_string(),
+                reason,
+            };
+            let mut key = r.prefix().into_bytes();
+            if r.is_subtree() {
+                if key.len() > FILE_PATH_MAX {
+                    return Err(bad(format!("longer than {} bytes", FILE_PATH_MAX - 1)));
+                }
+                if r.path() != "/" {
+                    let mut dir = r.path().as_bytes().to_vec();
+                    dir.push(0);
+                    items.push((dir, g, mask));
+                }
+            } else {
+                key.push(0);
+                if key.len() > FILE_PATH_MAX {
+                    return Err(bad(format!("longer than {} bytes", FILE_PATH_MAX - 1)));
+                }
+            }
+            items.push((key, g, mask));
+            Ok(())
+        };
+    for (rules, mask) in &sets {
+        for r in &rules.files.read {
+            add(r, FileGrant::Access(access::READ), *mask)?;
+        }
+        for r in &rules.files.write {
+            add(r, FileGrant::Access(access::WRITE), *mask)?;
+        }
+        for r in &rules.exec.allow {
+            add(r, FileGrant::Access(access::EXEC), *mask)?;
+        }
+        for r in &rules.files.deny {
+            add(r, FileGrant::Deny, *mask)?;
+        }
+    }
+    for p in always_exec {
+        let r = super::model::PathRule::Exact(p.clone());
+        add(&r, FileGrant::Access(access::EXEC), SERVER_BIT)?;
+        add(&r, FileGrant::Access(access::READ), SERVER_BIT)?;
+    }
+    let keys: BTreeSet<&Vec<u8>> = items.iter().map(|(k, _, _)| k).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut value = FileRule::default();
+        for acc in 0..access::COUNT {
+            // depth -> layer
+            let mut layers: BTreeMap<usize, FileLayer> = BTreeMap::new();
+            for (k, g, mask) in &items {
+                if !key.starts_with(k) {
+                    continue;
+                }
+                let l = layers.entry(k.len()).or_default();
+                match g {
+                    FileGrant::Access(a) if *a == acc => l.grant |= mask,
+                    FileGrant::Deny => l.deny |= mask,
+                    FileGrant::Access(_) => {}
+                }
+            }
+            let layers: Vec<FileLayer> = layers
+                .into_values()
+                .rev()
+                .filter(|l| l.grant | l.deny != 0)
+                .collect();
+            if layers.len() > MAX_FILE_LAYERS {
+                let end = key.iter().position(|b| *b == 0).unwrap_or(key.len());
+                return Err(CompileError::TooDeep {
+                    path: String::from_utf8_lossy(&key[..end]).into_owned(),
+                    count: layers.len(),
+                    max: MAX_FILE_LAYERS,
+                });
+            }
+            value.counts[acc] = layers.len() as u32;
+            value.layers[acc][..layers.len()].copy_from_slice(&layers);
+        }
+        let mut k = FileKey {
+            policy_id: policy_id.to_be_bytes(),
+            ..FileKey::default()
+        };
+        k.path[..key.len()].copy_from_slice(key);
+        out.push((FILE_KEY_FIXED_BITS + 8 * key.len() as u32, k, value));
+    }
+    Ok(out)
+}
+
+/// The file rule a kernel lookup would pick for `path` (test model of the
+/// LPM lookup in ebpf/src/lsm.rs).
+#[cfg(test)]
+fn file_lookup<'a>(c: &'a [FileEntry], policy_id: u32, path: &str) -> Option<&'a FileRule> {
+    let mut key = [0u8; FILE_PATH_MAX];
+    let n = path.len().min(FILE_PATH_MAX);
+    key[..n].copy_from_slice(&path.as_bytes()[..n]);
+    c.iter()
+        .filter(|(plen, k, _)| {
+            let n = ((plen - FILE_KEY_FIXED_BITS) / 8) as usize;
+            k.policy_id == policy_id.to_be_bytes() && k.path[..n] == key[..n]
+        })
+        .max_by_key(|(plen, _, _)| *plen)
+        .map(|(_, _, v)| v)
 }
 
 /// The unix rule a kernel lookup would pick for `path`: the longest entry
@@ -790,5 +936,89 @@ read = ["/y"]
         );
         assert_eq!(p.tool_bit("t62"), Some(1 << 63));
         assert_eq!(p.tool_bit("t63"), None);
+    }
+
+    #[test]
+    fn file_rules_most_specific_wins() {
+        let p = pol(r#"
+[files]
+read = ["/srv/**", "/etc/hosts"]
+write = ["/srv/out/**"]
+deny = ["/srv/secrets/**", "/srv/out/.env"]
+[exec]
+allow = ["/usr/bin/git"]
+[tools.t.files]
+read = ["/srv/secrets/public/**"]
+write = ["/tmp/**"]
+deny = ["/srv/docs/**"]
+"#);
+        let c = compile_files(&p, 4, &["/usr/bin/server".to_string()]).unwrap();
+        let t = p.tool_bit("t").unwrap();
+        let can = |path: &str, acc: usize, mask: u64| {
+            file_lookup(&c, 4, path).is_some_and(|r| r.allows(acc, mask))
+        };
+        use access::{EXEC, READ, WRITE};
+        assert!(can("/srv/a/b", READ, S));
+        assert!(can("/srv", READ, S), "the tree's directory itself");
+        assert!(!can("/srvx", READ, S));
+        assert!(!can("/srv/a/b", WRITE, S));
+        assert!(can("/srv/out/x", WRITE, S));
+        // write does not take read away: read comes from /srv/**.
+        assert!(can("/srv/out/x", READ, S));
+        assert!(!can("/srv/out/.env", READ, S));
+        assert!(!can("/srv/out/.env", WRITE, S));
+        assert!(can("/srv/out/.envx", WRITE, S));
+        assert!(!can("/srv/secrets/k", READ, S));
+        assert!(!can("/srv/secrets", READ, S));
+        assert!(can("/etc/hosts", READ, S));
+        assert!(!can("/etc/hostsx", READ, S));
+        assert!(!can("/etc/passwd", READ, S));
+        // exec
+        assert!(can("/usr/bin/git", EXEC, S));
+        assert!(!can("/usr/bin/git", READ, S));
+        assert!(can("/usr/bin/server", EXEC, S) && can("/usr/bin/server", READ, S));
+        assert!(!can("/usr/bin/ls", EXEC, S));
+        // The tool: an allow inside the server's denied tree, while a call
+        // of t is in flight only.
+        assert!(!can("/srv/secrets/public/x", READ, S));
+        assert!(can("/srv/secrets/public/x", READ, S | t));
+        assert!(!can("/srv/secrets/k", READ, S | t));
+        assert!(can("/tmp/a", WRITE, S | t) && !can("/tmp/a", WRITE, S));
+        // The tool's deny applies while it runs.
+        assert!(can("/srv/docs/a", READ, S));
+        assert!(!can("/srv/docs/a", READ, S | t));
+        // Over-long paths: judged on their first bytes, inside /srv/**.
+        let long = format!("/srv/{}", "a".repeat(400));
+        assert!(can(&long, READ, S));
+        let long = format!("/etc/{}", "a".repeat(400));
+        assert!(!can(&long, READ, S));
+    }
+
+    #[test]
+    fn file_rules_equal_path_deny_wins_and_limits() {
+        let p = pol("[files]\nread = [\"/a/**\"]\ndeny = [\"/a/**\"]\n");
+        let c = compile_files(&p, 1, &[]).unwrap();
+        let r = file_lookup(&c, 1, "/a/b").unwrap();
+        assert!(!r.allows(access::READ, S));
+        let mut p = pol("");
+        p.rules
+            .files
+            .read
+            .push(PathRule::Exact(format!("/{}", "a".repeat(251))));
+        assert!(matches!(
+            compile_files(&p, 1, &[]),
+            Err(CompileError::BadFilePath { .. })
+        ));
+        let mut p = pol("");
+        for i in 1..=9 {
+            p.rules.files.read.push(PathRule::Subtree(format!(
+                "/{}",
+                "d/".repeat(i).trim_end_matches('/')
+            )));
+        }
+        assert!(matches!(
+            compile_files(&p, 1, &[]),
+            Err(CompileError::TooDeep { .. })
+        ));
     }
 }

@@ -141,8 +141,8 @@ fn uring_connect(addr: SocketAddr, sqpoll: bool) -> Result<(), i32> {
     Ok(())
 }
 
-fn unix_connect(path: &str) -> Result<(), i32> {
-    let s = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+/// sockaddr_un for `path` (`@name`: abstract) and its length.
+fn sockaddr_un(path: &str) -> Result<(libc::sockaddr_un, u32), i32> {
     // SAFETY: zeroed sockaddr_un is valid.
     let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sun.sun_family = libc::AF_UNIX as u16;
@@ -151,7 +151,8 @@ fn unix_connect(path: &str) -> Result<(), i32> {
         None => (path.as_bytes(), false),
     };
     let off = usize::from(abstract_);
-    if bytes.len() + off >= sun.sun_path.len() {
+    // A pathname may fill all 108 bytes (no NUL); an abstract name 107.
+    if bytes.len() + off > sun.sun_path.len() {
         return Err(libc::ENAMETOOLONG);
     }
     for (i, b) in bytes.iter().enumerate() {
@@ -161,20 +162,125 @@ fn unix_connect(path: &str) -> Result<(), i32> {
     let len = if abstract_ {
         base + 1 + bytes.len()
     } else {
-        base + bytes.len() + 1
+        (base + bytes.len() + 1).min(std::mem::size_of::<libc::sockaddr_un>())
     };
+    Ok((sun, len as u32))
+}
+
+fn unix_connect_type(ty: i32, path: &str) -> Result<(), i32> {
+    let s = socket(libc::AF_UNIX, ty, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
     // SAFETY: valid fd and sockaddr.
     let r = unsafe {
         libc::connect(
             s.as_raw_fd(),
             &sun as *const _ as *const libc::sockaddr,
-            len as u32,
+            len,
         )
     };
     if r < 0 {
         return Err(errno());
     }
     Ok(())
+}
+
+fn unix_connect(path: &str) -> Result<(), i32> {
+    unix_connect_type(libc::SOCK_STREAM, path)
+}
+
+/// sendto on an unconnected unix dgram socket.
+fn unix_sendto(path: &str) -> Result<(), i32> {
+    let s = socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
+    let msg = b"mw-probe";
+    // SAFETY: valid fd, buffer and sockaddr.
+    let r = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            &sun as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+fn uring_unix_connect(path: &str) -> Result<(), i32> {
+    let mut ring = io_uring::IoUring::new(8).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let s = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    let (sun, len) = sockaddr_un(path)?;
+    let e = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(s.as_raw_fd()),
+        &sun as *const _ as *const libc::sockaddr,
+        len,
+    )
+    .build()
+    .user_data(7);
+    // SAFETY: sun and s outlive the submission (we wait for completion).
+    unsafe { ring.submission().push(&e) }.map_err(|_| -1)?;
+    ring.submit_and_wait(1)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let cqe: io_uring::cqueue::Entry = ring.completion().next().ok_or(-1)?;
+    if cqe.result() < 0 {
+        return Err(-cqe.result());
+    }
+    Ok(())
+}
+
+fn io(r: std::io::Result<()>) -> Result<(), i32> {
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn open_with(path: &str, write: bool, create: bool) -> Result<(), i32> {
+    io(std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map(drop))
+}
+
+/// fork + exec `path` (argv[0] = path), report the exec's own errno, or
+/// ok when the program ran (whatever its exit status).
+fn exec_op(path: &str) -> Result<(), i32> {
+    let c = std::ffi::CString::new(path).map_err(|_| libc::EINVAL)?;
+    let mut fds = [0; 2];
+    // SAFETY: plain syscalls; the child only execs or reports and _exits.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(errno());
+        }
+        match libc::fork() {
+            -1 => Err(errno()),
+            0 => {
+                let argv = [c.as_ptr(), std::ptr::null()];
+                let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                libc::execve(c.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                let e = errno();
+                libc::write(fds[1], (&e as *const i32).cast(), 4);
+                libc::_exit(127);
+            }
+            pid => {
+                libc::close(fds[1]);
+                let mut e = 0i32;
+                let n = libc::read(fds[0], (&mut e as *mut i32).cast(), 4);
+                libc::close(fds[0]);
+                let mut st = 0;
+                libc::waitpid(pid, &mut st, 0);
+                if n == 4 {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 fn run_op(args: &[String]) -> String {
@@ -192,6 +298,10 @@ fn run_op(args: &[String]) -> String {
         "raw6-socket" => socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6).map(drop),
         "packet-socket" => socket(libc::AF_PACKET, libc::SOCK_RAW, 0).map(drop),
         "unix-connect" => unix_connect(&a(1)),
+        "unix-dgram-connect" => unix_connect_type(libc::SOCK_DGRAM, &a(1)),
+        "unix-seqpacket-connect" => unix_connect_type(libc::SOCK_SEQPACKET, &a(1)),
+        "unix-sendto" => unix_sendto(&a(1)),
+        "uring-unix-connect" => uring_unix_connect(&a(1)),
         "fork" => return fork_op(&args[1..]),
         "wait-stdin" => {
             let mut s = String::new();
@@ -199,6 +309,25 @@ fn run_op(args: &[String]) -> String {
             Ok(())
         }
         "exit" => std::process::exit(a(1).parse().unwrap_or(1)),
+        "read" => open_with(&a(1), false, false),
+        "write" => open_with(&a(1), true, false),
+        "create" => open_with(&a(1), true, true),
+        "unlink" => io(std::fs::remove_file(a(1))),
+        "mkdir" => io(std::fs::create_dir(a(1))),
+        "rmdir" => io(std::fs::remove_dir(a(1))),
+        "rename" => io(std::fs::rename(a(1), a(2))),
+        "symlink" => io(std::os::unix::fs::symlink(a(1), a(2))),
+        "hardlink" => io(std::fs::hard_link(a(1), a(2))),
+        "truncate" => io(std::fs::OpenOptions::new()
+            .write(true)
+            .open(a(1))
+            .and_then(|f| f.set_len(0))),
+        "chmod" => io(std::fs::set_permissions(
+            a(1),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
+        "exec" => exec_op(&a(1)),
+        "list" => io(std::fs::read_dir(a(1)).map(drop)),
         "daemonize" => return daemonize_op(&a(1), &args[2..]),
         other => return format!("unknown-op={other}"),
     };
