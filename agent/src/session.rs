@@ -87,6 +87,9 @@ pub struct Session {
     /// Audit mode: the launched command and its interpreters, always
     /// executable (set by the host at launch).
     launched: Mutex<Vec<String>>,
+    /// Audit mode: the rules with their real paths, built on first use
+    /// (server's, then each tool's by name).
+    judging: std::sync::OnceLock<(crate::policy::Rules, Vec<(String, crate::policy::Rules)>)>,
     /// The MCP client's name and version from the handshake, stamped on
     /// every record once known (identity across a fleet).
     client: Mutex<Value>,
@@ -157,6 +160,7 @@ impl Session {
             metrics,
             account_tx,
             launched: Mutex::new(Vec::new()),
+            judging: std::sync::OnceLock::new(),
             client: Mutex::new(Value::Null),
             approvals: std::sync::OnceLock::new(),
         })
@@ -608,15 +612,23 @@ impl Session {
         } else {
             &[Access::Write]
         };
-        let sets: Vec<&crate::policy::Rules> = std::iter::once(&self.policy.rules)
-            .chain(attr.calls.iter().filter_map(|(_, tool)| {
+        let (server_rules, tool_rules) = self.judging.get_or_init(|| {
+            use crate::policy::judge::with_real_paths;
+            (
+                with_real_paths(&self.policy.rules),
                 self.policy
                     .tools
                     .iter()
-                    .find(|t| &t.name == tool)
-                    .map(|t| &t.rules)
-            }))
-            .collect();
+                    .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
+                    .collect(),
+            )
+        });
+        let sets: Vec<&crate::policy::Rules> =
+            std::iter::once(server_rules)
+                .chain(attr.calls.iter().filter_map(|(_, tool)| {
+                    tool_rules.iter().find(|(n, _)| n == tool).map(|(_, r)| r)
+                }))
+                .collect();
         let launched = self.launched.lock().map(|l| l.clone()).unwrap_or_default();
         // An unresolvable path cannot be shown to be allowed.
         let ok = resolved

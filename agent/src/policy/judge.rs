@@ -77,6 +77,35 @@ pub fn allowed(sets: &[&Rules], path: &str, access: Access, implicit_exec: &[Str
     }
 }
 
+/// `r` with every path rule also under its real path (symlinks resolved),
+/// as Landlock and the LSM hooks see it: a rule on `/lib/**` must match
+/// `/usr/lib/...` on a merged-/usr system, since judged paths are resolved.
+/// Paths that do not exist are kept as written.
+pub fn with_real_paths(r: &Rules) -> Rules {
+    fn real(list: &[PathRule]) -> Vec<PathRule> {
+        let mut out = list.to_vec();
+        for rule in list {
+            let Ok(c) = std::fs::canonicalize(rule.path()) else {
+                continue;
+            };
+            let c = c.to_string_lossy().into_owned();
+            if c != rule.path() {
+                out.push(match rule {
+                    PathRule::Exact(_) => PathRule::Exact(c),
+                    PathRule::Subtree(_) => PathRule::Subtree(c),
+                });
+            }
+        }
+        out
+    }
+    let mut r = r.clone();
+    r.files.read = real(&r.files.read);
+    r.files.write = real(&r.files.write);
+    r.files.deny = real(&r.files.deny);
+    r.exec.allow = real(&r.exec.allow);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +171,26 @@ mod tests {
         assert!(allowed(&[&root], "/etc/passwd", Access::Read, &[]));
         // Tool rules add to the server's.
         assert!(allowed(&[&t, &root], "/x", Access::Read, &[]));
+    }
+
+    #[test]
+    fn rules_match_real_paths() {
+        let dir = std::env::temp_dir().join(format!("mw-judge-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.join("real"), &link).unwrap();
+        let r = Rules {
+            files: FileRules {
+                read: vec![sub(link.to_str().unwrap())],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let real = dir.join("real/f");
+        let real = real.to_str().unwrap();
+        assert!(!allowed(&[&r], real, Access::Read, &[]));
+        assert!(allowed(&[&with_real_paths(&r)], real, Access::Read, &[]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
