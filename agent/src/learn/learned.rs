@@ -104,7 +104,9 @@ impl Learned {
                 .or_default()
                 .entry(section)
                 .or_default();
-            if section.is_path() {
+            // Files collapse into trees; programs and sockets stay exact
+            // (an exec right on a tree would let any binary in it run).
+            if matches!(section, Section::Read | Section::Write) {
                 let (rules, left_out) = collapse::collapse(cx, &targets);
                 for c in rules {
                     let e = set.entry(with_home_var(&c.rule, &cx.home)).or_default();
@@ -118,6 +120,11 @@ impl Learned {
                 }
             } else {
                 for (t, s) in targets {
+                    let t = if section.is_path() {
+                        with_home_var(&t, &cx.home)
+                    } else {
+                        t
+                    };
                     let e = set.entry(t).or_default();
                     e.count += s.count;
                     e.notes.extend(notes_for(&s, None, 1, &scope));
@@ -509,6 +516,32 @@ mod tests {
         o.tools_called.insert("ns.write".into(), 1);
         o.tools_called.insert("list".into(), 1);
         o
+    }
+
+    #[test]
+    fn programs_stay_exact() {
+        let mut o = Observations::default();
+        for b in ["a", "b", "c"] {
+            o.seen.insert(
+                (
+                    Scope::Server,
+                    Section::Exec,
+                    format!("/usr/lib/git-core/git-{b}"),
+                ),
+                Seen {
+                    count: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        let cx = Context {
+            home: "/home/ann".into(),
+            trees: vec![],
+        };
+        let l = Learned::build("git", &o, &cx);
+        let exec = &l.rules[&Scope::Server][&Section::Exec];
+        assert_eq!(exec.len(), 3, "{exec:?}");
+        assert!(exec.contains_key("/usr/lib/git-core/git-a"));
     }
 
     #[test]
