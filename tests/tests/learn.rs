@@ -178,6 +178,7 @@ fn filesystem_server_learn_enforce_diff() {
     assert_eq!(results.len(), 5, "{results:#?}\n{stderr}");
     tool_results_ok(&results, 5);
     assert_eq!(results[4]["text"], "written");
+    assert!(learned.exists(), "no policy written:\n{stderr}");
     let rules = assert_reviewable(&learned, 20);
     let text = std::fs::read_to_string(&learned).unwrap_or_default();
     assert_eq!(
@@ -392,6 +393,7 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
     );
     assert_eq!(results.len(), 2, "{results:#?}\n{stderr}");
     assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert!(learned.exists(), "no policy written:\n{stderr}");
     let rules = assert_reviewable(&learned, 30);
     let text = std::fs::read_to_string(&learned).unwrap_or_default();
     // The peer belongs to fetch alone: it was seen only inside its calls.
@@ -501,6 +503,7 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
         .filter(|(k, _)| *k != "tools.allow")
         .map(|(_, v)| v.len())
         .sum();
+    assert!(merged.exists(), "no policy written:\n{stderr}");
     let m = assert_reviewable(&merged, before + 3);
     let mtext = std::fs::read_to_string(&merged).unwrap_or_default();
     assert_eq!(
