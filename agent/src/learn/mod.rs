@@ -263,7 +263,48 @@ async fn learn(args: LearnArgs) -> Result<i32, LearnError> {
             "learning"
         }
     );
-    let code = run::serve_stdio(&host, inst).await?;
+    // Learn: keep the policy file current while the server runs (once a
+    // second, when something new was seen). MCP clients end the server
+    // process at shutdown, often with a kill after a short grace period:
+    // a learn run ended that way still leaves the policy of what it saw.
+    let snapshots = match (&args.diff, &args.out) {
+        (None, Some(out)) => {
+            let (obs, args, server, earlier, vars, out) = (
+                obs.clone(),
+                args.clone(),
+                policy.server.clone(),
+                earlier.clone(),
+                vars.clone(),
+                out.clone(),
+            );
+            Some(tokio::spawn(async move {
+                let mut last = 0;
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let snap = obs
+                        .lock()
+                        .ok()
+                        .filter(|o| o.records != last)
+                        .map(|o| o.clone());
+                    let Some(o) = snap else { continue };
+                    last = o.records;
+                    if let Err(e) =
+                        write_learned(&args, &server, &o, earlier.clone(), &vars, &out, true)
+                    {
+                        log::debug!("learn: snapshot: {e}");
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
+    let code = run::serve_stdio(&host, inst).await;
+    if let Some(t) = snapshots {
+        t.abort();
+        let _ = t.await;
+    }
+    let code = code?;
     host.shutdown().await?;
     let obs = match obs.lock() {
         Ok(o) => o.clone(),
@@ -282,7 +323,7 @@ async fn learn(args: LearnArgs) -> Result<i32, LearnError> {
         Some(p) => report_drift(p, &obs, args.out.as_deref(), code),
         None => {
             let out = args.out.as_deref().ok_or(LearnError::NoOut)?;
-            write_learned(&args, &policy.server, &obs, earlier, &vars, out)?;
+            write_learned(&args, &policy.server, &obs, earlier, &vars, out, false)?;
             Ok(code)
         }
     }
@@ -295,6 +336,7 @@ fn write_learned(
     earlier: Option<learned::Learned>,
     vars: &policy::Vars,
     out: &Path,
+    snapshot: bool,
 ) -> Result<(), LearnError> {
     let mut cx = collapse::Context {
         home: vars.home.clone(),
@@ -339,15 +381,25 @@ fn write_learned(
             .join("\n");
         return Err(LearnError::Invalid(msg));
     }
-    let mut f = std::fs::File::create(out).map_err(|source| LearnError::Write {
+    // Whole or not at all: write a sibling, then rename it over `out`.
+    let tmp = {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(".learn-tmp");
+        out.with_file_name(name)
+    };
+    let write = |p: &Path| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(p)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(p, out)
+    };
+    write(&tmp).map_err(|source| LearnError::Write {
         path: out.to_path_buf(),
         source,
     })?;
-    f.write_all(text.as_bytes())
-        .map_err(|source| LearnError::Write {
-            path: out.to_path_buf(),
-            source,
-        })?;
+    if snapshot {
+        return Ok(());
+    }
     eprintln!(
         "mcp-warden learn: wrote {} ({} rules, {} tools)",
         out.display(),

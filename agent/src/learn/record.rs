@@ -97,6 +97,8 @@ pub struct Observations {
     /// every record of the run).
     pub audit_records: Vec<Value>,
     pub keep_audit: bool,
+    /// Records folded in so far (tells a snapshot writer something changed).
+    pub records: u64,
     /// Refusals the policy cannot lift (seccomp, capabilities): noted only.
     pub hard_denials: BTreeMap<String, u64>,
     /// File operations whose path could not be resolved.
@@ -106,6 +108,7 @@ pub struct Observations {
 impl Observations {
     /// Fold one event record in.
     pub fn ingest(&mut self, rec: &Value) {
+        self.records += 1;
         let s = |k: &str| rec.get(k).and_then(Value::as_str).unwrap_or("");
         let kind = s("kind");
         if kind == "tool_call" {
