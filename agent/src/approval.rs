@@ -174,6 +174,7 @@ impl Approvals {
             move |source| ApprovalError::Io { op, path, source }
         };
         std::fs::create_dir_all(dir).map_err(io("mkdir", dir))?;
+        remove_stale(dir);
         let path = dir.join(format!("{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(io("bind", &path))?;
@@ -229,6 +230,25 @@ impl Approvals {
             wr.write_all(&out).await?;
         }
         Ok(())
+    }
+}
+
+/// Remove sockets of agents that are gone (killed before they could).
+fn remove_stale(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let pid = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
     }
 }
 

@@ -28,6 +28,43 @@ enum Cmd {
     Learn(LearnCmd),
     /// Show a confined MCP server trying to exfiltrate, and the denial.
     Demo,
+    /// The agent service: load the programs once, serve `run` clients over
+    /// the control socket, reload policies, write the audit log.
+    Agent {
+        /// Agent config (TOML); the embedded defaults without it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// The agent's backend, hooks, instances and counters.
+    Status {
+        /// Print the raw JSON response.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print audit events (JSON lines) from the audit log, or follow the
+    /// agent's live stream.
+    Events {
+        /// Stream new events from the agent until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this server's events.
+        #[arg(long)]
+        server: Option<String>,
+        /// Audit log to read (without --follow).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
+    /// Rewrite an MCP client's JSON config (Claude Desktop, VS Code,
+    /// Cursor) so each local server runs through `mcp-warden run`.
+    WrapConfig {
+        file: PathBuf,
+        /// Print the change as a unified diff and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The mcp-warden the client should start (default: this binary).
+        #[arg(long, value_name = "PATH")]
+        warden: Option<String>,
+    },
     /// Let a tool call that waits for approval run.
     Approve { id: String },
     /// Refuse a tool call that waits for approval.
@@ -69,6 +106,10 @@ struct RunCmd {
     /// Also write the events of this server to FILE (JSON lines).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Standalone only: serve Prometheus /metrics on ADDR while the server
+    /// runs (the end-to-end test; the agent service has its own).
+    #[arg(long, value_name = "ADDR", hide = true)]
+    metrics: Option<std::net::SocketAddr>,
     /// The server command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -83,6 +124,7 @@ pub fn main() -> ExitCode {
             server: r.server,
             events: r.events,
             cmd: r.cmd,
+            metrics: r.metrics,
         }),
         Cmd::Check { files } => crate::policy::check_main(&files),
         Cmd::Learn(l) => crate::learn::main(crate::learn::LearnArgs {
@@ -94,6 +136,18 @@ pub fn main() -> ExitCode {
             cmd: l.cmd,
         }),
         Cmd::Demo => crate::demo::main(),
+        Cmd::Agent { config } => crate::daemon::main(config),
+        Cmd::Status { json } => crate::status::status_main(json),
+        Cmd::Events {
+            follow,
+            server,
+            log,
+        } => crate::status::events_main(follow, server, log),
+        Cmd::WrapConfig {
+            file,
+            dry_run,
+            warden,
+        } => crate::wrap::main(&file, dry_run, warden),
         Cmd::Approve { id } => crate::approval::cli("approve", Some(&id)),
         Cmd::Deny { id } => crate::approval::cli("deny", Some(&id)),
         Cmd::Approvals => crate::approval::cli("list", None),

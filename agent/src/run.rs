@@ -21,6 +21,8 @@ pub struct RunArgs {
     pub server: Option<String>,
     pub events: Option<PathBuf>,
     pub cmd: Vec<OsString>,
+    /// Standalone only: serve /metrics on this address while the server runs.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,16 @@ pub enum RunError {
     NeedRoot,
     #[error("--server NAME needs the agent service (policies in /etc/mcp-warden/policies)")]
     ServerNeedsAgent,
+    #[error(
+        "no mcp-warden agent answers on {} ({reason}), and standalone mode needs root: \
+         start the agent service (or set {} to its socket)",
+        sock.display(), crate::config::SOCKET_ENV
+    )]
+    NoAgent { sock: PathBuf, reason: String },
+    #[error("agent: {0}")]
+    Agent(#[from] crate::control::ControlError),
+    #[error("empty command")]
+    NoCommand,
     #[error("opening event log {path}: {source}")]
     EventLog {
         path: PathBuf,
@@ -46,6 +58,8 @@ pub enum RunError {
     Account(u32, String),
     #[error("relay: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics_http::MetricsHttpError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -129,6 +143,20 @@ pub fn standalone_sinks(events: Option<&PathBuf>) -> Result<Sinks, RunError> {
 }
 
 async fn run(args: RunArgs) -> Result<i32, RunError> {
+    // The agent when one answers; standalone only as root with no agent.
+    let sock = crate::config::client_socket();
+    match crate::control::client::ping(&sock, std::time::Duration::from_secs(2)).await {
+        Ok(_) => return crate::run_agent::run(args, &sock).await,
+        Err(e) => {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(RunError::NoAgent {
+                    sock,
+                    reason: e.to_string(),
+                });
+            }
+            log::debug!("no agent on {} ({e}): running standalone", sock.display());
+        }
+    }
     let Some(policy_path) = &args.policy else {
         return Err(RunError::ServerNeedsAgent);
     };
@@ -138,10 +166,23 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
     }
     let sinks = standalone_sinks(args.events.as_ref())?;
     let host = Host::start(sinks)?;
+    let metrics_http = match args.metrics {
+        Some(addr) => {
+            let l = crate::metrics_http::MetricsListener::bind(addr).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(l.serve(host.metrics().clone(), stopped));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let inst = host
         .launch(policy.clone(), &args.cmd, instance_info(&policy))
         .await?;
     let code = serve_stdio(&host, inst).await?;
+    if let Some((stop, task)) = metrics_http {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     host.shutdown().await?;
     Ok(code)
 }
@@ -221,7 +262,7 @@ pub(crate) async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, 
     Ok(code)
 }
 
-fn exit_code(st: std::process::ExitStatus) -> i32 {
+pub fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => c,

@@ -78,7 +78,8 @@ pub struct Session {
     kernel: Arc<Mutex<Kernel>>,
     cgroup_id: u64,
     cgroup_path: std::path::PathBuf,
-    policy: Arc<Policy>,
+    /// Replaced whole on reload ([`Session::swap_policy`]).
+    policy: std::sync::RwLock<Arc<Policy>>,
     info: InstanceInfo,
     state: Mutex<State>,
     sinks: Arc<Mutex<Sinks>>,
@@ -121,6 +122,38 @@ impl Session {
         metrics: Metrics,
         account_tx: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Self, SessionError> {
+        Self::resume(
+            kernel,
+            cgroup_id,
+            cgroup_path,
+            instance_id,
+            policy_id,
+            policy,
+            info,
+            sinks,
+            metrics,
+            account_tx,
+            0,
+        )
+    }
+
+    /// [`Session::new`] continuing from `epoch` (an agent re-adopting an
+    /// instance whose kernel state a previous agent wrote). No call is in
+    /// flight: the tools' rights are withdrawn until a client re-attaches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        kernel: Arc<Mutex<Kernel>>,
+        cgroup_id: u64,
+        cgroup_path: std::path::PathBuf,
+        instance_id: u32,
+        policy_id: u32,
+        policy: Arc<Policy>,
+        info: InstanceInfo,
+        sinks: Arc<Mutex<Sinks>>,
+        metrics: Metrics,
+        account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+        epoch: u64,
+    ) -> Result<Self, SessionError> {
         let mut fl = 0;
         if policy.mode == Mode::Audit {
             fl |= flags::AUDIT;
@@ -132,7 +165,7 @@ impl Session {
             instance_id,
             policy_id,
             active_mask: SERVER_BIT,
-            epoch: 0,
+            epoch,
             flags: fl,
             _pad: 0,
         };
@@ -141,12 +174,12 @@ impl Session {
             .map_err(|_| SessionError::Poisoned)?
             .set_instance(cgroup_id, &inst)?;
         let mut history = VecDeque::new();
-        history.push_back((0, Vec::new()));
+        history.push_back((epoch, Vec::new()));
         Ok(Self {
             kernel,
             cgroup_id,
             cgroup_path,
-            policy,
+            policy: std::sync::RwLock::new(policy),
             info,
             state: Mutex::new(State {
                 inst,
@@ -192,7 +225,7 @@ impl Session {
         let Some(appr) = self.approvals.get() else {
             return Err("the tool needs approval and no approval service is running".into());
         };
-        let timeout = std::time::Duration::from_secs(self.policy.mcp.approval_timeout_secs);
+        let timeout = std::time::Duration::from_secs(self.policy().mcp.approval_timeout_secs);
         let info = serde_json::json!({
             "server": self.info.server,
             "instance": self.info.instance,
@@ -250,8 +283,59 @@ impl Session {
         &self.info
     }
 
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
+    /// The policy in force (a reload may replace it).
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn instance_id(&self) -> u32 {
+        self.state.lock().map(|s| s.inst.instance_id).unwrap_or(0)
+    }
+
+    /// The rule set the kernel uses for this instance.
+    pub fn policy_id(&self) -> u32 {
+        self.state.lock().map(|s| s.inst.policy_id).unwrap_or(0)
+    }
+
+    /// (call id, tool) of every call in flight.
+    pub fn calls_in_flight(&self) -> Vec<(Value, String)> {
+        self.state
+            .lock()
+            .map(|s| {
+                s.in_flight
+                    .iter()
+                    .map(|c| (c.id.clone(), c.tool.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Switch to `policy`, whose rules the kernel already holds as rule set
+    /// `policy_id`: one atomic instance-state update points the programs at
+    /// the new rules (calls in flight keep their tool's bit under the new
+    /// numbering). The caller removes the old rule set afterwards.
+    pub fn swap_policy(&self, policy: Arc<Policy>, policy_id: u32) -> Result<(), SessionError> {
+        let mut st = self.state.lock().map_err(|_| SessionError::Poisoned)?;
+        for c in &mut st.in_flight {
+            c.bit = policy.tool_bit(&c.tool).unwrap_or(0);
+        }
+        let mut fl = st.inst.flags & flags::EMIT_ALLOWED;
+        if policy.mode == Mode::Audit {
+            fl |= flags::AUDIT;
+        }
+        if policy.on_violation == OnViolation::Kill {
+            fl |= flags::KILL;
+        }
+        st.inst.flags = fl;
+        st.inst.policy_id = policy_id;
+        match self.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(_) => return Err(SessionError::Poisoned),
+        }
+        self.publish(&mut st)
     }
 
     pub fn cgroup_id(&self) -> u64 {
@@ -282,7 +366,7 @@ impl Session {
         st.inst.epoch += 1;
         // Declared capabilities: when every call in flight is of a tool that
         // declared it touches no open world, egress is refused.
-        let closed = self.policy.mcp.enforce_annotations
+        let closed = self.policy().mcp.enforce_annotations
             && !st.in_flight.is_empty()
             && st.in_flight.iter().all(|c| {
                 st.annotations.get(&c.tool).and_then(|a| a.open_world_hint) == Some(false)
@@ -320,7 +404,7 @@ impl Session {
         st.in_flight.push(InFlight {
             id: id.clone(),
             tool: tool.to_string(),
-            bit: self.policy.tool_bit(tool).unwrap_or(0),
+            bit: self.policy().tool_bit(tool).unwrap_or(0),
             started: Instant::now(),
         });
         st.acct.insert(
@@ -558,7 +642,7 @@ impl Session {
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
-        if ev.decision == decision::DENY && self.policy.on_violation == OnViolation::Kill {
+        if ev.decision == decision::DENY && self.policy().on_violation == OnViolation::Kill {
             log::warn!(
                 "{}: killing the server tree (on_violation = kill)",
                 self.info.instance
@@ -690,7 +774,7 @@ impl Session {
     }
 
     fn record_call(&self, c: &ToolCallRecord) {
-        let label = if self.policy.tool_allowed(&c.tool) || c.outcome != "refused" {
+        let label = if self.policy().tool_allowed(&c.tool) || c.outcome != "refused" {
             c.tool.clone()
         } else {
             "(undeclared)".to_string()
@@ -752,7 +836,7 @@ impl crate::relay::RelayHooks for Session {
         let id = id_value(&call.id);
         let tool = call.tool.clone();
         let hash = call.args_hash.clone();
-        let needs_approval = self.policy.mcp.approval.contains(&tool);
+        let needs_approval = self.policy().mcp.approval.contains(&tool);
         async move {
             if needs_approval {
                 self.await_approval(&id, &tool, &hash)

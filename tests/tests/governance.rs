@@ -62,8 +62,11 @@ fn approval_run(verb: &str) -> (Value, mcp_warden_tests::Run, bool) {
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     l.set_nonblocking(true).expect("nonblocking");
     let port = l.local_addr().expect("addr").port();
+    // A server name of this test's own: `mcp-warden approvals` lists the
+    // pending calls of every agent on the host.
+    let name = format!("approvals-{}-{verb}", std::process::id());
     let policy = format!(
-        "version = 1\nserver = \"toolbox\"\n\n[files]\n{}\n\n[tools]\nallow = [\"fetch\"]\n\n[tools.fetch.network]\nconnect = [\"127.0.0.1:{port}\"]\n\n[mcp]\napproval = [\"fetch\"]\napproval_timeout = 60\n",
+        "version = 1\nserver = \"{name}\"\n\n[files]\n{}\n\n[tools]\nallow = [\"fetch\"]\n\n[tools.fetch.network]\nconnect = [\"127.0.0.1:{port}\"]\n\n[mcp]\napproval = [\"fetch\"]\napproval_timeout = 60\n",
         python_read_rules()
     );
     let sc = Scenario::new("approval", &policy);
@@ -88,7 +91,11 @@ fn approval_run(verb: &str) -> (Value, mcp_warden_tests::Run, bool) {
             .output()
             .expect("mcp-warden approvals");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some(line) = text.lines().find(|l| l.contains("tool fetch")) {
+        let mine = format!("server {name} ");
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains(&mine) && l.contains("tool fetch"))
+        {
             break line.split_whitespace().next().unwrap_or("").to_string();
         }
         assert!(

@@ -329,7 +329,7 @@ fn processes_outside_the_cgroup_are_not_affected() {
         .spawn()
         .expect("spawn");
     // Wait until the server runs confined.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !mcp_warden_tests::read_events(&sc.events)
         .iter()
         .any(|e| e["kind"] == "server")

@@ -386,7 +386,7 @@ fn processes_outside_the_cgroup_are_not_affected() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !mcp_warden_tests::read_events(&sc.events)
         .iter()
         .any(|e| e["kind"] == "server")

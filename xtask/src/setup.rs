@@ -32,7 +32,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("strace", "tests and debugging"),
     ("iproute2", "network namespace tests"),
     ("python3-venv", "the Python venv for the MCP SDK"),
-    ("prometheus", "metrics scrape test"),
+    (
+        "prometheus",
+        "metrics scrape test (and promtool for the alert rules)",
+    ),
+    ("systemd", "systemd-analyze verify of the unit"),
+    ("dpkg", "the .deb install test"),
 ];
 
 /// The MCP Python SDK, pinned (2.x: FastMCP became `mcp.server.mcpserver.MCPServer`).

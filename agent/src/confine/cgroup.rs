@@ -116,6 +116,18 @@ impl InstanceCgroup {
         })
     }
 
+    /// Open an existing instance cgroup (an agent re-adopting it).
+    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+        let dir = File::open(path).map_err(io_err("open", path))?;
+        let id = dir.metadata().map_err(io_err("stat", path))?.ino();
+        Ok(Self {
+            path: path.to_path_buf(),
+            id,
+            dir,
+            removed: false,
+        })
+    }
+
     /// The cgroup id as the kernel reports it (bpf_get_current_cgroup_id):
     /// the inode number of the directory.
     pub fn id(&self) -> u64 {

@@ -56,7 +56,7 @@ pub fn offsets(btf: &Btf) -> Result<Offsets, BtfError> {
         }
         out.push((global, off));
     }
-    Ok(out).map(Offsets)
+    Ok(Offsets(out))
 }
 
 /// Set the offsets as globals of the object about to be loaded.

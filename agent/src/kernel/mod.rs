@@ -10,14 +10,15 @@ pub mod unix;
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd, OwnedFd},
+    path::Path,
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, LinkError},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        ProgramError, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -27,6 +28,8 @@ use mcp_warden_common::{
 };
 
 use crate::policy::compile::{CompiledNet, FileEntry};
+
+pub mod pin;
 
 /// The eBPF object built by agent/build.rs. Empty when the agent was built
 /// without bpf-linker.
@@ -62,6 +65,8 @@ pub enum KernelError {
     #[error("link: {0}")]
     Link(#[from] LinkError),
     #[error("{0}")]
+    Pin(#[from] pin::PinError),
+    #[error("{0}")]
     Raw(#[from] raw::RawError),
     #[error(
         "the kernel accepts LSM programs but a BPF-LSM hook failed, so the backend is not \
@@ -89,11 +94,15 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 ];
 
 /// What an instance's cgroup has attached. Dropping it detaches everything.
+/// When pinned ([`pin`]), the links outlive the agent; dropping them then
+/// detaches only if [`CgroupLinks::release`] was called first.
 #[derive(Debug)]
 pub struct CgroupLinks {
     links: Vec<(&'static str, FdLink)>,
     /// bpf_links made by [`raw`] (the unix hooks): closing the fd detaches.
     raw: Vec<(&'static str, OwnedFd)>,
+    pin_dir: Option<std::path::PathBuf>,
+    unpin_on_drop: bool,
 }
 
 impl CgroupLinks {
@@ -115,7 +124,10 @@ pub struct Capabilities {
 }
 
 pub struct Kernel {
-    ebpf: Ebpf,
+    /// The loaded object; None when the programs were reopened from pins.
+    ebpf: Option<Ebpf>,
+    /// Programs reopened from their pins by an agent that re-adopts.
+    pinned_programs: BTreeMap<&'static str, Program>,
     instances: HashMap<MapData, u64, InstanceState>,
     net4: LpmTrie<MapData, Net4Key, NetRule>,
     net6: LpmTrie<MapData, Net6Key, NetRule>,
@@ -183,6 +195,11 @@ impl Kernel {
     /// filter on the confined cgroups themselves); cgroup hooks are attached
     /// per instance by [`Kernel::attach_cgroup`].
     pub fn load() -> Result<Self, KernelError> {
+        Self::load_with(None)
+    }
+
+    /// [`Kernel::load`], pinning every map it opens under `pin_maps`.
+    pub(crate) fn load_with(pin_maps: Option<&Path>) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
@@ -324,68 +341,54 @@ impl Kernel {
             p.load().map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
-        let bytes = PerCpuHashMap::try_from(
-            ebpf.take_map(maps::BYTES)
-                .ok_or(KernelError::MissingMap(maps::BYTES))?,
-        )
-        .map_err(map_err(maps::BYTES))?;
-        let syscalls = PerCpuHashMap::try_from(
-            ebpf.take_map(maps::SYSCALLS)
-                .ok_or(KernelError::MissingMap(maps::SYSCALLS))?,
-        )
-        .map_err(map_err(maps::SYSCALLS))?;
-        let files = LpmTrie::try_from(
-            ebpf.take_map(maps::FILE_RULES)
-                .ok_or(KernelError::MissingMap(maps::FILE_RULES))?,
-        )
-        .map_err(map_err(maps::FILE_RULES))?;
-        let instances = HashMap::try_from(
-            ebpf.take_map(maps::INSTANCES)
-                .ok_or(KernelError::MissingMap(maps::INSTANCES))?,
-        )
-        .map_err(map_err(maps::INSTANCES))?;
-        let net4 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET4_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET4_RULES))?,
-        )
-        .map_err(map_err(maps::NET4_RULES))?;
-        let net6 = LpmTrie::try_from(
-            ebpf.take_map(maps::NET6_RULES)
-                .ok_or(KernelError::MissingMap(maps::NET6_RULES))?,
-        )
-        .map_err(map_err(maps::NET6_RULES))?;
-        let unix = LpmTrie::try_from(
-            ebpf.take_map(maps::UNIX_RULES)
-                .ok_or(KernelError::MissingMap(maps::UNIX_RULES))?,
-        )
-        .map_err(map_err(maps::UNIX_RULES))?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(maps::STATS)
-                .ok_or(KernelError::MissingMap(maps::STATS))?,
-        )
-        .map_err(map_err(maps::STATS))?;
-        let events = RingBuf::try_from(
-            ebpf.take_map(maps::EVENTS)
-                .ok_or(KernelError::MissingMap(maps::EVENTS))?,
-        )
-        .map_err(map_err(maps::EVENTS))?;
-        Ok(Self {
+        let maps = Maps::open(&mut |name| {
+            let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+            if let Some(dir) = pin_maps {
+                pin::pin_map(&m, dir, name)?;
+            }
+            Ok(m)
+        })?;
+        Ok(Self::assemble(
+            Some(ebpf),
+            BTreeMap::new(),
+            maps,
+            tracepoints,
+            unix_progs,
+            backend,
+            lsm_links,
+            caps,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        ebpf: Option<Ebpf>,
+        pinned_programs: BTreeMap<&'static str, Program>,
+        maps: Maps,
+        tracepoints: Vec<FdLink>,
+        unix_progs: Vec<raw::RawProgram>,
+        backend: &'static str,
+        lsm_links: Vec<(&'static str, FdLink)>,
+        caps: Capabilities,
+    ) -> Self {
+        Self {
             ebpf,
-            instances,
-            net4,
-            net6,
-            unix,
-            stats,
-            syscalls,
-            bytes,
-            events: Some(events),
+            pinned_programs,
+            instances: maps.instances,
+            net4: maps.net4,
+            net6: maps.net6,
+            unix: maps.unix,
+            stats: maps.stats,
+            syscalls: maps.syscalls,
+            bytes: maps.bytes,
+            events: Some(maps.events),
             _tracepoints: tracepoints,
             unix_progs,
-            files,
+            files: maps.files,
             backend,
             _lsm_links: lsm_links,
             caps,
-        })
+        }
     }
 
     /// `bpf-lsm` or `fallback`: which backend enforces files and exec.
@@ -430,6 +433,13 @@ impl Kernel {
         Ok(())
     }
 
+    fn program_mut(&mut self, name: &'static str) -> Option<&mut Program> {
+        match &mut self.ebpf {
+            Some(e) => e.program_mut(name),
+            None => self.pinned_programs.get_mut(name),
+        }
+    }
+
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
@@ -447,7 +457,6 @@ impl Kernel {
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let p: &mut CgroupSockAddr = self
-                .ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
@@ -460,7 +469,6 @@ impl Kernel {
         }
         let name = programs::SOCK_CREATE;
         let p: &mut CgroupSock = self
-            .ebpf
             .program_mut(name)
             .ok_or(KernelError::MissingProgram(name))?
             .try_into()
@@ -475,7 +483,6 @@ impl Kernel {
             (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
         ] {
             let p: &mut CgroupSkb = self
-                .ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
@@ -490,7 +497,12 @@ impl Kernel {
         for p in &self.unix_progs {
             raw.push((p.name, p.attach(cgroup)?));
         }
-        Ok(CgroupLinks { links, raw })
+        Ok(CgroupLinks {
+            links,
+            raw,
+            pin_dir: None,
+            unpin_on_drop: false,
+        })
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
@@ -642,4 +654,37 @@ fn drain<K: aya::Pod>(
         ignore_missing(map.remove(&k))?;
     }
     Ok(out)
+}
+
+/// The maps the agent reads and writes, however they were opened.
+struct Maps {
+    instances: HashMap<MapData, u64, InstanceState>,
+    net4: LpmTrie<MapData, Net4Key, NetRule>,
+    net6: LpmTrie<MapData, Net6Key, NetRule>,
+    unix: LpmTrie<MapData, UnixKey, PathRule>,
+    stats: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
+    files: LpmTrie<MapData, FileKey, FileRule>,
+    events: RingBuf<MapData>,
+}
+
+impl Maps {
+    fn open(
+        take: &mut dyn FnMut(&'static str) -> Result<Map, KernelError>,
+    ) -> Result<Self, KernelError> {
+        Ok(Self {
+            instances: HashMap::try_from(take(maps::INSTANCES)?)
+                .map_err(map_err(maps::INSTANCES))?,
+            net4: LpmTrie::try_from(take(maps::NET4_RULES)?).map_err(map_err(maps::NET4_RULES))?,
+            net6: LpmTrie::try_from(take(maps::NET6_RULES)?).map_err(map_err(maps::NET6_RULES))?,
+            unix: LpmTrie::try_from(take(maps::UNIX_RULES)?).map_err(map_err(maps::UNIX_RULES))?,
+            stats: PerCpuArray::try_from(take(maps::STATS)?).map_err(map_err(maps::STATS))?,
+            syscalls: PerCpuHashMap::try_from(take(maps::SYSCALLS)?)
+                .map_err(map_err(maps::SYSCALLS))?,
+            bytes: PerCpuHashMap::try_from(take(maps::BYTES)?).map_err(map_err(maps::BYTES))?,
+            files: LpmTrie::try_from(take(maps::FILE_RULES)?).map_err(map_err(maps::FILE_RULES))?,
+            events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
+        })
+    }
 }

@@ -403,11 +403,13 @@ fn daemonize_op(file: &str, op: &[String]) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // Several ops: `op1 args ; op2 args`, one line each.
-    let mut out = String::new();
+    // Several ops: `op1 args ; op2 args`, one line each, written as each
+    // op finishes (a test can watch a long-running probe step by step).
+    let mut stdout = std::io::stdout();
     for op in args.split(|a| a == ";") {
-        out.push_str(&run_op(op));
-        out.push('\n');
+        let mut line = run_op(op);
+        line.push('\n');
+        let _ = stdout.write_all(line.as_bytes());
+        let _ = stdout.flush();
     }
-    let _ = std::io::stdout().write_all(out.as_bytes());
 }
