@@ -90,7 +90,13 @@ pub struct Session {
     launched: Mutex<Vec<String>>,
     /// Audit mode: the rules with their real paths, built on first use
     /// (server's, then each tool's by name).
-    judging: std::sync::OnceLock<(crate::policy::Rules, Vec<(String, crate::policy::Rules)>)>,
+    #[allow(clippy::type_complexity)]
+    judging: Mutex<
+        Option<(
+            Arc<Policy>,
+            Arc<(crate::policy::Rules, Vec<(String, crate::policy::Rules)>)>,
+        )>,
+    >,
     /// The MCP client's name and version from the handshake, stamped on
     /// every record once known (identity across a fleet).
     client: Mutex<Value>,
@@ -193,7 +199,7 @@ impl Session {
             metrics,
             account_tx,
             launched: Mutex::new(Vec::new()),
-            judging: std::sync::OnceLock::new(),
+            judging: Mutex::new(None),
             client: Mutex::new(Value::Null),
             approvals: std::sync::OnceLock::new(),
         })
@@ -397,7 +403,8 @@ impl Session {
     /// A `tools/call` of `tool` with request id `id` is about to be
     /// forwarded: its rules are in force when this returns Ok.
     pub fn call_begin(&self, id: &Value, tool: &str) -> Result<(), SessionError> {
-        if self.policy.mode == Mode::Audit && !self.policy.tool_allowed(tool) {
+        let policy = self.policy();
+        if policy.mode == Mode::Audit && !policy.tool_allowed(tool) {
             self.audit_undeclared_call(id, tool);
         }
         let mut st = self.state.lock().map_err(|_| SessionError::Poisoned)?;
@@ -662,7 +669,8 @@ impl Session {
         use mcp_warden_common::{kind, op};
         let file = ev.kind == kind::FILE && ev.decision == decision::ALLOW;
         let exec = ev.kind == kind::PROC && ev.op == op::EXEC;
-        if self.policy.mode != Mode::Audit || !(file || exec) {
+        let policy = self.policy();
+        if policy.mode != Mode::Audit || !(file || exec) {
             return Some((*ev, None));
         }
         // BPF-LSM judged opens and execs itself (and reported what it would
@@ -696,17 +704,30 @@ impl Session {
         } else {
             &[Access::Write]
         };
-        let (server_rules, tool_rules) = self.judging.get_or_init(|| {
+        let judging = {
             use crate::policy::judge::with_real_paths;
-            (
-                with_real_paths(&self.policy.rules),
-                self.policy
-                    .tools
-                    .iter()
-                    .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
-                    .collect(),
-            )
-        });
+            let mut j = match self.judging.lock() {
+                Ok(j) => j,
+                Err(p) => p.into_inner(),
+            };
+            // Built once per policy (a reload brings a new one).
+            match &*j {
+                Some(cur) if Arc::ptr_eq(&cur.0, &policy) => cur.clone(),
+                _ => {
+                    let built = Arc::new((
+                        with_real_paths(&policy.rules),
+                        policy
+                            .tools
+                            .iter()
+                            .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
+                            .collect::<Vec<_>>(),
+                    ));
+                    *j = Some((policy.clone(), built.clone()));
+                    (policy.clone(), built)
+                }
+            }
+        };
+        let (server_rules, tool_rules) = &*judging.1;
         let sets: Vec<&crate::policy::Rules> =
             std::iter::once(server_rules)
                 .chain(attr.calls.iter().filter_map(|(_, tool)| {
@@ -763,7 +784,7 @@ impl Session {
                 "tool": tool,
                 "call_id": id,
                 "reason": format!("tool {tool:?} is not in tools.allow"),
-                "policy_source": self.policy.source,
+                "policy_source": self.policy().source,
             }),
         );
     }
