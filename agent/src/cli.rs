@@ -23,6 +23,9 @@ enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Learn a policy from a run (audit mode, stdio relayed), or with
+    /// --diff report what a run does that a policy does not allow.
+    Learn(LearnCmd),
     /// Show a confined MCP server trying to exfiltrate, and the denial.
     Demo,
     /// The agent service: load the programs once, serve `run` clients over
@@ -68,6 +71,28 @@ enum Cmd {
     Deny { id: String },
     /// List the tool calls waiting for approval.
     Approvals,
+}
+
+#[derive(Debug, Args)]
+struct LearnCmd {
+    /// Write the learned policy to FILE (with --diff: the drift as JSON lines).
+    #[arg(long, value_name = "FILE", required_unless_present = "diff")]
+    out: Option<PathBuf>,
+    /// Union the learned rules with an earlier learned policy.
+    #[arg(long, value_name = "FILE", conflicts_with = "diff")]
+    merge: Option<PathBuf>,
+    /// Report what this run does that POLICY does not allow; exit 1 if any.
+    #[arg(long, value_name = "POLICY")]
+    diff: Option<PathBuf>,
+    /// Server name in the learned policy (default: from the command).
+    #[arg(long, conflicts_with = "diff")]
+    server: Option<String>,
+    /// Also write every event of the run to FILE (JSON lines).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// The server command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +158,14 @@ pub fn main() -> ExitCode {
             }
         },
         Cmd::Check { files } => crate::policy::check_main(&files),
+        Cmd::Learn(l) => crate::learn::main(crate::learn::LearnArgs {
+            out: l.out,
+            merge: l.merge,
+            diff: l.diff,
+            server: l.server,
+            events: l.events,
+            cmd: l.cmd,
+        }),
         Cmd::Demo => crate::demo::main(),
         Cmd::Agent { config } => crate::daemon::main(config),
         Cmd::Status { json } => crate::status::status_main(json),

@@ -621,6 +621,9 @@ impl Host {
     ) -> Result<Instance, HostError> {
         let (prog, args) = argv.split_first().ok_or(HostError::NoCommand)?;
         let policy = reg.session.policy();
+        // Audit mode judges execs in userspace: the launched command and its
+        // interpreters are always allowed (learn/audit plumbing).
+        reg.session.set_launched(cmd_path);
         // Opens a file per rule and lists directories: off the runtime.
         let prepared = {
             let policy = policy.clone();

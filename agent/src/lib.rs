@@ -1,7 +1,7 @@
 //! mcp-warden: confine local MCP servers in the kernel, per tool call.
 //!
 //! Modules follow the data's path, and dependencies point one way, down:
-//! - entry points: [`cli`], [`run`], [`demo`]
+//! - entry points: [`cli`], [`run`], [`learn`], [`demo`]
 //! - [`relay`] (stdio framing, JSON-RPC, call tracking)
 //! - [`session`] (one confined server instance: kernel state + relay hooks)
 //! - [`kernel`] (load, attach, maps) and [`confine`] (cgroup, Landlock, seccomp)
@@ -21,6 +21,7 @@ pub mod dns;
 pub mod events;
 pub mod host;
 pub mod kernel;
+pub mod learn;
 pub mod metrics;
 pub mod metrics_http;
 pub mod policy;

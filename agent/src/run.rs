@@ -194,7 +194,7 @@ async fn run(args: RunArgs) -> Result<i32, RunError> {
 
 /// Relay our stdio to the server until it exits (or we are signalled),
 /// then tear the instance down. Returns the exit status to report.
-async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
+pub(crate) async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, RunError> {
     let (Some(child_in), Some(child_out)) = (inst.child.stdin.take(), inst.child.stdout.take())
     else {
         return Err(RunError::Relay("child stdio not piped".into()));

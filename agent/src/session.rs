@@ -85,6 +85,18 @@ pub struct Session {
     sinks: Arc<Mutex<Sinks>>,
     metrics: Metrics,
     account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+    /// Audit mode: the launched command and its interpreters, always
+    /// executable (set by the host at launch).
+    launched: Mutex<Vec<String>>,
+    /// Audit mode: the rules with their real paths, built on first use
+    /// (server's, then each tool's by name).
+    #[allow(clippy::type_complexity)]
+    judging: Mutex<
+        Option<(
+            Arc<Policy>,
+            Arc<(crate::policy::Rules, Vec<(String, crate::policy::Rules)>)>,
+        )>,
+    >,
     /// The MCP client's name and version from the handshake, stamped on
     /// every record once known (identity across a fleet).
     client: Mutex<Value>,
@@ -186,9 +198,26 @@ impl Session {
             sinks,
             metrics,
             account_tx,
+            launched: Mutex::new(Vec::new()),
+            judging: Mutex::new(None),
             client: Mutex::new(Value::Null),
             approvals: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Audit mode: the launched command and its interpreter chain, which
+    /// are always allowed to run (as on the enforcing backends).
+    pub fn set_launched(&self, cmd_path: &std::path::Path) {
+        let chain = match crate::confine::landlock::exec_chain(cmd_path) {
+            Ok((chain, _)) => chain,
+            Err(_) => vec![cmd_path.to_path_buf()],
+        };
+        if let Ok(mut l) = self.launched.lock() {
+            *l = chain
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+        }
     }
 
     /// Connect the session to its agent's approval service.
@@ -374,6 +403,10 @@ impl Session {
     /// A `tools/call` of `tool` with request id `id` is about to be
     /// forwarded: its rules are in force when this returns Ok.
     pub fn call_begin(&self, id: &Value, tool: &str) -> Result<(), SessionError> {
+        let policy = self.policy();
+        if policy.mode == Mode::Audit && !policy.tool_allowed(tool) {
+            self.audit_undeclared_call(id, tool);
+        }
         let mut st = self.state.lock().map_err(|_| SessionError::Poisoned)?;
         st.in_flight.push(InFlight {
             id: id.clone(),
@@ -573,7 +606,21 @@ impl Session {
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
+        // Audit mode: file and exec operations are judged here (the kernel
+        // only observed them); allowed ones are dropped unless asked for.
+        let Some((judged, resolved)) = self.judge_audit(ev, &attr) else {
+            return;
+        };
+        let ev = &judged;
         let mut rec = events::kernel_record(ev, &self.info, &attr);
+        if let (Some(path), Value::Object(m)) = (resolved, &mut rec) {
+            if let Some(Value::String(passed)) = m.get("path").cloned() {
+                if passed != path {
+                    m.insert("path_as_passed".into(), Value::String(passed));
+                }
+            }
+            m.insert("path".into(), Value::String(path));
+        }
         self.stamp(&mut rec);
         let closed = self
             .state
@@ -611,6 +658,103 @@ impl Session {
         }
     }
 
+    /// Audit mode (`mode = "audit"`): the kernel reported a file operation
+    /// or an exec without judging it (no Landlock ruleset is applied). Judge
+    /// it against the server's rules and those of the tools in flight: a
+    /// would-be denial becomes `decision = audit`. Returns the event to
+    /// record and the resolved path, or None to drop an allowed operation
+    /// (unless EMIT_ALLOWED asks for those). Other events pass unchanged.
+    fn judge_audit(&self, ev: &Event, attr: &Attribution) -> Option<(Event, Option<String>)> {
+        use crate::policy::judge::{allowed, Access};
+        use mcp_warden_common::{kind, op};
+        let file = ev.kind == kind::FILE && ev.decision == decision::ALLOW;
+        let exec = ev.kind == kind::PROC && ev.op == op::EXEC;
+        let policy = self.policy();
+        if policy.mode != Mode::Audit || !(file || exec) {
+            return Some((*ev, None));
+        }
+        // BPF-LSM judged opens and execs itself (and reported what it would
+        // refuse): what reaches here from the syscall exit was allowed.
+        let lsm = self.info.backend == crate::kernel::lsm::BACKEND_LSM;
+        if lsm && (exec || ev.op == op::OPEN) {
+            return (exec || !self.emit_allowed_off()).then_some((*ev, None));
+        }
+        let passed = {
+            let end = ev
+                .path
+                .iter()
+                .position(|c| *c == 0)
+                .unwrap_or(ev.path.len());
+            String::from_utf8_lossy(&ev.path[..end]).into_owned()
+        };
+        let follow = exec || ev.op == op::OPEN;
+        let dirfd = if exec { -100 } else { ev.family as i32 };
+        let resolved = events::resolve::resolve(ev.pid, dirfd, &passed, follow);
+        let accesses: &[Access] = if exec {
+            &[Access::Exec]
+        } else if ev.op == op::OPEN {
+            let fl = ev.protocol as i32;
+            let write = fl & (libc::O_CREAT | libc::O_TRUNC) != 0;
+            match fl & libc::O_ACCMODE {
+                libc::O_WRONLY => &[Access::Write],
+                libc::O_RDWR => &[Access::Read, Access::Write],
+                _ if write => &[Access::Read, Access::Write],
+                _ => &[Access::Read],
+            }
+        } else {
+            &[Access::Write]
+        };
+        let judging = {
+            use crate::policy::judge::with_real_paths;
+            let mut j = match self.judging.lock() {
+                Ok(j) => j,
+                Err(p) => p.into_inner(),
+            };
+            // Built once per policy (a reload brings a new one).
+            match &*j {
+                Some(cur) if Arc::ptr_eq(&cur.0, &policy) => cur.clone(),
+                _ => {
+                    let built = Arc::new((
+                        with_real_paths(&policy.rules),
+                        policy
+                            .tools
+                            .iter()
+                            .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
+                            .collect::<Vec<_>>(),
+                    ));
+                    *j = Some((policy.clone(), built.clone()));
+                    (policy.clone(), built)
+                }
+            }
+        };
+        let (server_rules, tool_rules) = &*judging.1;
+        let sets: Vec<&crate::policy::Rules> =
+            std::iter::once(server_rules)
+                .chain(attr.calls.iter().filter_map(|(_, tool)| {
+                    tool_rules.iter().find(|(n, _)| n == tool).map(|(_, r)| r)
+                }))
+                .collect();
+        let launched = self.launched.lock().map(|l| l.clone()).unwrap_or_default();
+        // An unresolvable path cannot be shown to be allowed.
+        let ok = resolved
+            .as_deref()
+            .is_some_and(|p| accesses.iter().all(|a| allowed(&sets, p, *a, &launched)));
+        let mut out = *ev;
+        if !ok {
+            out.decision = decision::AUDIT;
+        } else if file && self.emit_allowed_off() {
+            return None;
+        }
+        Some((out, resolved))
+    }
+
+    fn emit_allowed_off(&self) -> bool {
+        self.state
+            .lock()
+            .map(|st| st.inst.flags & flags::EMIT_ALLOWED == 0)
+            .unwrap_or(true)
+    }
+
     /// End every process of the instance (cgroup.kill).
     pub fn kill_tree(&self, why: &str) {
         let kill = self.cgroup_path.join("cgroup.kill");
@@ -618,6 +762,31 @@ impl Session {
             Ok(()) => log::debug!("{}: ended the server tree ({why})", self.info.instance),
             Err(e) => log::error!("{}: writing {}: {e}", self.info.instance, kill.display()),
         }
+    }
+
+    /// Audit mode let through a call of a tool `tools.allow` leaves out:
+    /// report the would-be refusal and count it.
+    fn audit_undeclared_call(&self, id: &Value, tool: &str) {
+        self.metrics
+            .violations
+            .with_label_values(&[
+                self.info.server.as_str(),
+                "(undeclared)",
+                "tool_call",
+                "audit",
+            ])
+            .inc();
+        self.record(
+            "tool_call",
+            serde_json::json!({
+                "op": "call",
+                "decision": "audit",
+                "tool": tool,
+                "call_id": id,
+                "reason": format!("tool {tool:?} is not in tools.allow"),
+                "policy_source": self.policy().source,
+            }),
+        );
     }
 
     /// Record a finished (or refused) tool call.

@@ -348,7 +348,9 @@ pub struct Event {
     pub pid: u32,
     pub tid: u32,
     pub uid: u32,
-    /// AF_INET / AF_INET6 / AF_UNIX for net events.
+    /// AF_INET / AF_INET6 / AF_UNIX for net events. File and exec events
+    /// from the syscall tracepoints: the dirfd a relative `path` is
+    /// relative to (AT_FDCWD, -100 as u32, when the call takes none).
     pub family: u32,
     /// SOCK_STREAM / SOCK_DGRAM / SOCK_RAW ...
     pub sock_type: u32,

@@ -7,7 +7,15 @@
 //! at exit, if the call failed with EACCES, EPERM or EXDEV, the path is read
 //! (the kernel has faulted it in by then) and a `deny` event is written.
 //! Reporting only: outcomes never change here. The path is the one the
-//! process passed (it may be relative to a dirfd or the working directory).
+//! process passed (it may be relative to a dirfd or the working directory;
+//! the dirfd rides in the event's `family` field, AT_FDCWD when none).
+//!
+//! Audit mode (`flags::AUDIT`, no Landlock ruleset applied) and learn mode
+//! (`flags::EMIT_ALLOWED`): successful file operations are reported too,
+//! with `decision = allow`; userspace judges them against the policy's file
+//! rules and turns a would-be denial into `audit`. A successful exec is not
+//! reported here (the old image's path pointer is gone by sys_exit):
+//! sched_process_exec in proc.rs reports it.
 //!
 //! Two raw tracepoints (sys_enter, sys_exit) serve every syscall: attaching
 //! one tracepoint per syscall would cost a detach (an RCU grace period)
@@ -18,7 +26,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::RawTracePointContext,
 };
-use mcp_warden_common::{decision, kind, op, InstanceState, EVENT_PATH_LEN};
+use mcp_warden_common::{decision, flags, kind, op, InstanceState, EVENT_PATH_LEN};
 
 use crate::{event::emit, maps::current_instance};
 
@@ -30,7 +38,13 @@ pub struct Pending {
     op: u32,
     /// open flags (for the access mode), 0 otherwise.
     flags: u32,
+    /// dirfd the path is relative to (AT_FDCWD when the call takes none).
+    dirfd: u32,
+    _pad: u32,
 }
+
+/// AT_FDCWD (-100) as the u32 the event carries.
+const AT_FDCWD: u32 = -100i32 as u32;
 
 /// Keyed by pid_tgid (the thread). Entries live from enter to exit. A
 /// BPF-LSM hook that refuses (and reports) removes the thread's entry, so
@@ -107,10 +121,18 @@ pub fn on_enter(ctx: &RawTracePointContext, nr: u64) {
         (_, NONE) => 0,
         (_, n) => sys_arg(regs, n),
     };
+    // The *at calls take their dirfd in the argument just before the path;
+    // symlink(target, linkpath) is the one plain call with its path second.
+    let dirfd = match (nr, path_arg) {
+        (88, _) | (_, 0) => AT_FDCWD,
+        (_, n) => sys_arg(regs, n - 1) as u32,
+    };
     let p = Pending {
         path,
         op: operation,
         flags: flags as u32,
+        dirfd,
+        _pad: 0,
     };
     let _ = PENDING.insert(bpf_get_current_pid_tgid(), p, 0);
 }
@@ -122,10 +144,17 @@ fn report(p: &Pending, ret: i64, cg: u64, st: &InstanceState) {
     } else {
         kind::FILE
     };
-    emit(k, p.op, decision::DENY, cg, st, |e| {
-        e.errno = (-ret) as u32;
-        // The open flags ride in `protocol` for file events.
+    let (dec, errno) = if ret < 0 {
+        (decision::DENY, (-ret) as u32)
+    } else {
+        (decision::ALLOW, 0)
+    };
+    emit(k, p.op, dec, cg, st, |e| {
+        e.errno = errno;
+        // The open flags ride in `protocol` for file events, the dirfd in
+        // `family` (both unused by file events otherwise).
         e.protocol = p.flags;
+        e.family = p.dirfd;
         if p.path != 0 {
             let mut buf = [0u8; EVENT_PATH_LEN];
             // SAFETY: reading user memory with the checked helper; a
@@ -151,10 +180,17 @@ pub fn mw_sys_exit(ctx: RawTracePointContext) -> i32 {
     };
     let _ = PENDING.remove(id);
     let ret: i64 = ctx.arg(1);
-    if ret != -EACCES && ret != -EPERM && ret != -EXDEV {
+    let refused = ret == -EACCES || ret == -EPERM || ret == -EXDEV;
+    if !refused && ret < 0 {
         return 0;
     }
-    if let Some((cg, st)) = current_instance() {
+    let Some((cg, st)) = current_instance() else {
+        return 0;
+    };
+    // Successes only in audit or learn mode, and never a successful exec
+    // (see the module comment).
+    let wants_allowed = st.flags & (flags::AUDIT | flags::EMIT_ALLOWED) != 0;
+    if refused || (wants_allowed && p.op != op::EXEC) {
         report(&p, ret, cg, &st);
     }
     0

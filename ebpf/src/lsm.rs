@@ -177,7 +177,10 @@ fn verdict(s: &Scratch, cg: u64, st: &InstanceState, ok: bool, w: What, len: usi
     } else {
         (-EPERM, decision::DENY)
     };
-    if ret != 0 {
+    // Reported here whenever not ok, refused or (audit mode) not: the
+    // syscall-exit audit, which in audit mode also reports successes for
+    // userspace to judge, must not report it again.
+    if !ok {
         forget_pending();
     }
     if !ok || st.flags & flags::EMIT_ALLOWED != 0 {
@@ -422,9 +425,8 @@ pub fn mw_ptrace_check(ctx: LsmContext) -> i32 {
     }
     let audit = st.flags & flags::AUDIT != 0;
     let ret = if audit { 0 } else { -EPERM };
-    if ret != 0 {
-        forget_pending();
-    }
+    // Reported here, refused or (audit mode) not.
+    forget_pending();
     let off_tgid = global(&MW_OFF_TASK_TGID);
     // SAFETY: checked kernel read.
     let tgid =

@@ -89,6 +89,14 @@ pub struct Prepared {
     ruleset: PreparedRuleset,
     filter: PreparedFilter,
     caps: CapDrop,
+    /// `mode = "audit"`: the Landlock ruleset is built (for the report) but
+    /// not applied, since Landlock cannot report without refusing. File and
+    /// exec operations are then judged in userspace from the syscall
+    /// tracepoints (ebpf/src/audit.rs, policy::judge). The capability drop,
+    /// no_new_privs and the seccomp filter stay: they are not policy (no
+    /// policy line can grant what they refuse), so an audit run meets the
+    /// same refusals an enforce run would, and reports them as `deny`.
+    audit: bool,
 }
 
 impl Prepared {
@@ -107,7 +115,17 @@ impl Prepared {
         cmd_path: &Path,
         by: ll::FilesBy,
     ) -> Result<Prepared, ConfineError> {
-        let ruleset = ll::prepare_for(policy, cmd_path, by)?;
+        let mut ruleset = ll::prepare_for(policy, cmd_path, by)?;
+        // Audit mode applies no Landlock ruleset at all, on any backend
+        // (its scopes would refuse without telling either).
+        let audit = policy.mode == crate::policy::model::Mode::Audit;
+        if audit {
+            ruleset.report.warnings.push(
+                "mode = audit: the Landlock ruleset is not applied; file and exec \
+                 operations are judged against the policy and reported"
+                    .to_string(),
+            );
+        }
         let filter = match by {
             ll::FilesBy::Landlock => sc::prepare()?,
             ll::FilesBy::BpfLsm => sc::prepare_for(true, true)?,
@@ -118,6 +136,7 @@ impl Prepared {
             ruleset,
             filter,
             caps,
+            audit,
         })
     }
 
@@ -148,7 +167,9 @@ impl Prepared {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            ll::restrict_self(self.ruleset.fd.as_raw_fd())?;
+            if !self.audit {
+                ll::restrict_self(self.ruleset.fd.as_raw_fd())?;
+            }
             sc::install(&self.filter.program)?;
         }
         Ok(())

@@ -4,6 +4,7 @@
 //!
 //! The JSON-lines record is a contract (shared/design.md, "Event record").
 pub mod reader;
+pub mod resolve;
 pub mod sink;
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod compile;
 pub mod diag;
+pub mod judge;
 pub mod model;
 pub mod parse;
 pub mod values;

@@ -494,7 +494,9 @@ pub(super) fn refusal(
     if !named {
         return Some("tools/call without a tool name".to_owned());
     }
-    if !policy.tool_allowed(&call.tool) {
+    // Audit mode refuses nothing: the session reports the call as a
+    // would-be refusal (`decision = audit`) and it goes through.
+    if !policy.tool_allowed(&call.tool) && policy.mode != crate::policy::Mode::Audit {
         return Some(format!("tool {:?} is not allowed by policy", call.tool));
     }
     if tracker.contains(&call.id) {

@@ -1,0 +1,522 @@
+//! `mcp-warden learn`, on the real kernel: learn a policy from a scripted
+//! session (official MCP Python SDK client), enforce it on the same
+//! session, and see a new behaviour denied and attributed to its tool call;
+//! `--merge` keeps the policy small; `--diff` reports drift and exits 1.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use mcp_warden_tests::{read_events, repo_root, sdk_drive, venv_python, warden, Scenario, TempDir};
+use serde_json::{json, Value};
+
+/// The npm reference filesystem server installed by `cargo xtask setup`.
+fn fs_server() -> PathBuf {
+    let p = repo_root()
+        .join(".cache/npm/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
+/// Drive `mcp-warden ARGS -- SERVER...` with tests/fixtures/sdk/drive.py.
+/// Returns the step results and drive.py's stderr (which holds the
+/// warden's stderr: the SDK passes the server's stderr through).
+fn drive(steps: &Value, warden_args: &[&str], server: &[&str]) -> (Vec<Value>, String) {
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg(warden())
+        .args(warden_args)
+        .arg("--")
+        .args(server)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drive.py");
+    let results = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (results, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Every list entry of a policy file, by `table.key`: enough TOML to count
+/// rules and find duplicates in what `learn` writes (one entry a line).
+fn rules_of(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    let mut key: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') && !line.starts_with("[\"") {
+            table = line.trim_matches(['[', ']']).to_string();
+        } else if let Some(k) = line.strip_suffix("= [") {
+            key = Some(format!("{table}.{}", k.trim()));
+        } else if line == "]" {
+            key = None;
+        } else if let (Some(k), true) = (&key, line.starts_with('"')) {
+            let v = line.trim_end_matches(',').trim_matches('"').to_string();
+            out.entry(k.clone()).or_default().push(v);
+        }
+    }
+    out
+}
+
+/// The learned policy passes `mcp-warden check`, has no duplicate entry in
+/// any list, never widens to the root, a home or /tmp, and has at most
+/// `max_rules` rules (tools.allow not counted).
+fn assert_reviewable(path: &Path, max_rules: usize) -> BTreeMap<String, Vec<String>> {
+    let check = Command::new(warden())
+        .arg("check")
+        .arg(path)
+        .output()
+        .expect("run mcp-warden check");
+    let text = std::fs::read_to_string(path).expect("read learned policy");
+    assert!(
+        check.status.success(),
+        "check failed: {}\n{text}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let rules = rules_of(&text);
+    let mut n = 0;
+    for (k, v) in &rules {
+        let set: BTreeSet<&String> = v.iter().collect();
+        assert_eq!(set.len(), v.len(), "duplicates in {k}:\n{text}");
+        for r in v {
+            for bad in [
+                "/**",
+                "/tmp/**",
+                "/home/**",
+                "${HOME}/**",
+                "/root/**",
+                "/etc/**",
+            ] {
+                assert_ne!(r, bad, "too wide in {k}:\n{text}");
+            }
+        }
+        if k != "tools.allow" {
+            n += v.len();
+        }
+    }
+    assert!(n <= max_rules, "{n} rules (max {max_rules}):\n{text}");
+    rules
+}
+
+/// A denial of the server's own /proc entries at start: learn leaves them
+/// out on purpose (docs/policy.md), node and python run without them.
+fn own_proc_entry(e: &Value) -> bool {
+    let p = e["path"].as_str().unwrap_or("");
+    let own = p.starts_with("/proc/self/")
+        || p.strip_prefix("/proc/").is_some_and(|r| {
+            r.split('/')
+                .next()
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        });
+    own && e["tool"].is_null() && e["kind"] == "file"
+}
+
+fn tool_results_ok(results: &[Value], n: usize) {
+    assert!(results.len() >= n, "{results:#?}");
+    for r in &results[..n] {
+        if r.get("list").is_some() {
+            continue;
+        }
+        assert_eq!(r["ok"], true, "{results:#?}");
+    }
+}
+
+#[test]
+fn filesystem_server_learn_enforce_diff() {
+    mcp_warden_tests::require_root();
+    let t = TempDir::new("learn-fs");
+    let data = t.path().join("data");
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&data).expect("mkdir data");
+    std::fs::create_dir_all(&outside).expect("mkdir outside");
+    std::fs::write(data.join("a.txt"), "hello").expect("write a.txt");
+    std::fs::write(outside.join("secret.txt"), "top secret").expect("write secret");
+    let srv = fs_server();
+    let server: Vec<String> = vec![
+        "node".into(),
+        srv.display().to_string(),
+        data.display().to_string(),
+        // Allowed by the server's own arguments, never touched while
+        // learning: the kernel is what keeps it out afterwards.
+        outside.display().to_string(),
+    ];
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    let a = data.join("a.txt").display().to_string();
+    let b = data.join("b.txt").display().to_string();
+    let session = json!([
+        {"list": true},
+        {"tool": "read_text_file", "args": {"path": a}},
+        {"tool": "list_directory", "args": {"path": data.display().to_string()}},
+        {"tool": "write_file", "args": {"path": b, "content": "written"}},
+        {"tool": "read_text_file", "args": {"path": b}},
+    ]);
+
+    // 1. Learn.
+    let learned = t.path().join("learned.toml");
+    let events = t.path().join("learn-events.jsonl");
+    let (results, stderr) = drive(
+        &session,
+        &[
+            "learn",
+            "--out",
+            learned.to_str().unwrap_or_default(),
+            "--events",
+            events.to_str().unwrap_or_default(),
+        ],
+        &server,
+    );
+    assert_eq!(results.len(), 5, "{results:#?}\n{stderr}");
+    tool_results_ok(&results, 5);
+    assert_eq!(results[4]["text"], "written");
+    assert!(learned.exists(), "no policy written:\n{stderr}");
+    let rules = assert_reviewable(&learned, 20);
+    let text = std::fs::read_to_string(&learned).unwrap_or_default();
+    assert_eq!(
+        rules.get("tools.allow").cloned().unwrap_or_default(),
+        vec!["list_directory", "read_text_file", "write_file"],
+        "{text}"
+    );
+    // Startup reads are the server's; the data tree is the tools'.
+    assert!(
+        rules
+            .get("files.read")
+            .is_some_and(|r| r.iter().any(|p| p.ends_with("node_modules/**"))),
+        "the server's package tree: {text}"
+    );
+    let data_tree = format!("{}/**", data.display());
+    assert_eq!(
+        rules.get("tools.write_file.files.write"),
+        Some(&vec![data_tree.clone()]),
+        "{text}"
+    );
+    let outside_s = outside.display().to_string();
+    assert!(
+        rules.values().flatten().all(|r| !r.starts_with(&outside_s)),
+        "learned something about a directory it never touched: {text}"
+    );
+    // Every rule says how often it was seen.
+    assert!(text.contains("# seen "), "{text}");
+    assert!(
+        !rules
+            .values()
+            .flatten()
+            .any(|r| r.starts_with("/proc/self") || r == "/proc/**"),
+        "{text}"
+    );
+    let learn_events = read_events(&events);
+    assert!(
+        learn_events.iter().all(|e| e["decision"] != "deny"),
+        "learn mode refused something: {learn_events:#?}"
+    );
+
+    // 2. The same session passes under the learned policy, enforced; a
+    //    read outside it is denied by the kernel and attributed.
+    std::fs::remove_file(data.join("b.txt")).expect("rm b.txt");
+    let policy = std::fs::read_to_string(&learned).expect("read learned");
+    let sc = Scenario::new("learn-fs-enforce", &policy);
+    let mut steps = session.as_array().cloned().unwrap_or_default();
+    steps.push(json!({"tool": "read_text_file", "args": {"path": outside.join("secret.txt")}}));
+    let (results, run) = sdk_drive(&sc, &Value::Array(steps), &server);
+    assert_eq!(results.len(), 6, "{results:#?}\n{}", run.stderr);
+    tool_results_ok(&results, 5);
+    assert_eq!(results[4]["text"], "written");
+    // EACCES from Landlock (fallback), EPERM from the BPF-LSM hooks.
+    assert!(
+        results[5]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("EACCES") || t.contains("EPERM")),
+        "{results:#?}"
+    );
+    let denials: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["decision"] == "deny" && !own_proc_entry(e))
+        .collect();
+    assert_eq!(
+        denials.len(),
+        1,
+        "only the new behaviour is denied: {denials:#?}"
+    );
+    let d = denials[0];
+    assert_eq!(d["kind"], "file");
+    assert_eq!(d["path"], outside.join("secret.txt").display().to_string());
+    assert_eq!(d["tool"], "read_text_file");
+    assert!(d["call_id"].is_number(), "{d}");
+
+    // 3. The learned policy in audit mode: nothing is refused; the read
+    //    outside it and the call of a tool tools.allow leaves out are
+    //    `audit` records, attributed; what the policy allows is not.
+    std::fs::remove_file(data.join("b.txt")).expect("rm b.txt");
+    let sc = Scenario::new(
+        "learn-fs-audit",
+        &policy.replace("mode = \"enforce\"", "mode = \"audit\""),
+    );
+    let steps = json!([
+        {"tool": "read_text_file", "args": {"path": a}},
+        {"tool": "read_text_file", "args": {"path": outside.join("secret.txt")}},
+        {"tool": "get_file_info", "args": {"path": a}},
+    ]);
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results.len(), 3, "{results:#?}\n{}", run.stderr);
+    tool_results_ok(&results, 3);
+    assert_eq!(results[1]["text"], "top secret", "audit refuses nothing");
+    assert!(
+        run.events.iter().all(|e| e["decision"] != "deny"),
+        "{:#?}",
+        run.events
+    );
+    let audits: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["decision"] == "audit")
+        .collect();
+    let secret = audits
+        .iter()
+        .find(|e| e["path"] == outside.join("secret.txt").display().to_string())
+        .unwrap_or_else(|| panic!("no audit record of the secret read: {audits:#?}"));
+    assert_eq!(secret["kind"], "file");
+    assert_eq!(secret["tool"], "read_text_file");
+    assert!(secret["call_id"].is_number());
+    assert!(
+        audits
+            .iter()
+            .any(|e| e["kind"] == "tool_call" && e["tool"] == "get_file_info"),
+        "{audits:#?}"
+    );
+    // Precise: nothing the policy allows (the server's package, the data
+    // tree) is reported. get_file_info may read time zone data.
+    for e in &audits {
+        let p = e["path"].as_str().unwrap_or("");
+        assert!(
+            e["kind"] == "tool_call"
+                || own_proc_entry(e)
+                || p == outside.join("secret.txt").display().to_string()
+                || (e["tool"] == "get_file_info" && p.starts_with("/usr/share/zoneinfo")),
+            "unexpected audit record {e}"
+        );
+    }
+
+    // 4. --diff: the same read is drift, named with its tool; exit 1.
+    let drift = t.path().join("drift.jsonl");
+    let mut child = Command::new(warden())
+        .args(["learn", "--diff"])
+        .arg(&learned)
+        .arg("--out")
+        .arg(&drift)
+        .arg("--")
+        .args(&server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn learn --diff");
+    let mut sin = child.stdin.take().expect("stdin");
+    let sout = child.stdout.take().expect("stdout");
+    let msgs = [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "learn-test", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "read_text_file", "arguments": {"path": outside.join("secret.txt")}}}),
+    ];
+    for m in &msgs {
+        writeln!(sin, "{m}").expect("write request");
+    }
+    // Wait for the call's response, then end the session.
+    let mut answered = false;
+    for line in BufReader::new(sout).lines() {
+        let Ok(line) = line else { break };
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["id"] == 2 {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no answer to the tools/call");
+    drop(sin);
+    let out = child.wait_with_output().expect("wait learn --diff");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "drift exits 1: {err}");
+    assert!(
+        err.contains("secret.txt in tool read_text_file"),
+        "readable drift: {err}"
+    );
+    let lines: Vec<Value> = read_events(&drift);
+    let secret = lines
+        .iter()
+        .find(|l| l["target"] == outside.join("secret.txt").display().to_string())
+        .unwrap_or_else(|| panic!("no drift line for the secret: {lines:#?}"));
+    assert_eq!(secret["tool"], "read_text_file");
+    assert_eq!(secret["key"], "files.read");
+}
+
+fn toolbox() -> Vec<String> {
+    vec![
+        venv_python().display().to_string(),
+        repo_root()
+            .join("tests/fixtures/sdk/tool_server.py")
+            .display()
+            .to_string(),
+    ]
+}
+
+#[test]
+fn python_server_network_peer_learned_per_tool_and_merged() {
+    mcp_warden_tests::require_root();
+    let t = TempDir::new("learn-py");
+    let known = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let known_port = known.local_addr().expect("addr").port();
+    let new = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let new_port = new.local_addr().expect("addr").port();
+    let server = toolbox();
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+
+    let learned = t.path().join("learned.toml");
+    let session = json!([
+        {"tool": "fetch", "args": {"port": known_port}},
+        {"tool": "getppid_loop", "args": {"n": 3}},
+    ]);
+    let (results, stderr) = drive(
+        &session,
+        &["learn", "--out", learned.to_str().unwrap_or_default()],
+        &server,
+    );
+    assert_eq!(results.len(), 2, "{results:#?}\n{stderr}");
+    assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert!(learned.exists(), "no policy written:\n{stderr}");
+    let rules = assert_reviewable(&learned, 30);
+    let text = std::fs::read_to_string(&learned).unwrap_or_default();
+    // The peer belongs to fetch alone: it was seen only inside its calls.
+    assert_eq!(
+        rules.get("tools.fetch.network.connect"),
+        Some(&vec![format!("127.0.0.1:{known_port}")]),
+        "{text}"
+    );
+    assert!(!rules.contains_key("network.connect"), "{text}");
+    // The interpreter's install tree (under the home: ${HOME}).
+    assert!(
+        rules
+            .get("files.read")
+            .is_some_and(|r| r.iter().any(|p| p.contains(".venv/**"))),
+        "{text}"
+    );
+
+    // Enforced: the learned peer works, a new one is denied and attributed.
+    let policy = std::fs::read_to_string(&learned).expect("read learned");
+    let sc = Scenario::new("learn-py-enforce", &policy);
+    let steps = json!([
+        {"tool": "fetch", "args": {"port": known_port}},
+        {"tool": "getppid_loop", "args": {"n": 3}},
+        {"tool": "fetch", "args": {"port": new_port}},
+    ]);
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results.len(), 3, "{results:#?}\n{}", run.stderr);
+    assert_eq!(results[0]["text"], "ok", "{results:#?}\n{}", run.stderr);
+    assert_eq!(results[1]["text"], "done", "{results:#?}");
+    assert_eq!(results[2]["text"], "errno=1", "{results:#?}");
+    let denials: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["decision"] == "deny" && !own_proc_entry(e))
+        .collect();
+    assert_eq!(denials.len(), 1, "{denials:#?}");
+    assert_eq!(denials[0]["kind"], "net");
+    assert_eq!(denials[0]["port"], new_port);
+    assert_eq!(denials[0]["tool"], "fetch");
+    assert!(denials[0]["call_id"].is_number());
+
+    // The learned policy in audit mode: the new peer and a program the
+    // policy does not allow both go through, reported as `audit` and
+    // attributed; so is the call of a tool tools.allow leaves out.
+    let sc = Scenario::new(
+        "learn-py-audit",
+        &policy.replace("mode = \"enforce\"", "mode = \"audit\""),
+    );
+    let steps = json!([
+        {"tool": "fetch", "args": {"port": new_port}},
+        {"tool": "run_true", "args": {}},
+    ]);
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results.len(), 2, "{results:#?}\n{}", run.stderr);
+    assert_eq!(results[0]["text"], "ok", "{results:#?}");
+    assert_eq!(results[1]["text"], "exit=0", "{results:#?}");
+    assert!(
+        run.events
+            .iter()
+            .all(|e| e["decision"] != "deny" || own_proc_entry(e)),
+        "{:#?}",
+        run.events
+    );
+    let audit = |kind: &str, tool: &str| -> Vec<&Value> {
+        run.events
+            .iter()
+            .filter(|e| e["decision"] == "audit" && e["kind"] == kind && e["tool"] == tool)
+            .collect()
+    };
+    let net = audit("net", "fetch");
+    assert!(
+        net.iter()
+            .any(|e| e["port"] == new_port && e["call_id"].is_number()),
+        "{:#?}",
+        run.events
+    );
+    let exec = audit("exec", "run_true");
+    assert!(
+        exec.iter()
+            .any(|e| e["path"].as_str().is_some_and(|p| p.ends_with("/true"))),
+        "{:#?}",
+        run.events
+    );
+    assert_eq!(audit("tool_call", "run_true").len(), 1, "{:#?}", run.events);
+
+    // --merge: a second run that also calls compute; the union stays free
+    // of duplicates and about as small, and keeps what both runs saw.
+    let merged = t.path().join("merged.toml");
+    let session2 = json!([
+        {"tool": "fetch", "args": {"port": known_port}},
+        {"tool": "compute", "args": {"port": new_port}},
+    ]);
+    let (results, stderr) = drive(
+        &session2,
+        &[
+            "learn",
+            "--out",
+            merged.to_str().unwrap_or_default(),
+            "--merge",
+            learned.to_str().unwrap_or_default(),
+        ],
+        &server,
+    );
+    assert_eq!(results.len(), 2, "{results:#?}\n{stderr}");
+    let before: usize = rules
+        .iter()
+        .filter(|(k, _)| *k != "tools.allow")
+        .map(|(_, v)| v.len())
+        .sum();
+    assert!(merged.exists(), "no policy written:\n{stderr}");
+    let m = assert_reviewable(&merged, before + 3);
+    let mtext = std::fs::read_to_string(&merged).unwrap_or_default();
+    assert_eq!(
+        m.get("tools.allow").cloned().unwrap_or_default(),
+        vec!["compute", "fetch", "getppid_loop"],
+        "{mtext}"
+    );
+    assert_eq!(
+        m.get("tools.compute.network.connect"),
+        Some(&vec![format!("127.0.0.1:{new_port}")]),
+        "{mtext}"
+    );
+    // fetch's peer was seen in both runs: its count adds up.
+    assert!(mtext.contains("# seen 2 times"), "{mtext}");
+}
