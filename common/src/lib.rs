@@ -116,6 +116,10 @@ pub mod op {
     pub const RMDIR: u32 = 17;
     /// ptrace or /proc access to another process (`port` holds its tgid).
     pub const PTRACE: u32 = 18;
+    /// A DNS response a confined socket received (learn and audit mode):
+    /// `addr`/`port` the responder, `path` the first `EVENT_PATH_LEN`
+    /// bytes of the DNS message, `sock_type` its whole length.
+    pub const DNS: u32 = 19;
 }
 
 /// Rule key kind: what an address rule grants.
