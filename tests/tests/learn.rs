@@ -5,7 +5,7 @@
 //! peer the server found through DNS is learned by its name.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -526,14 +526,14 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
     assert!(mtext.contains("# seen 2 times"), "{mtext}");
 }
 
-/// A DNS server for the test's own names on 127.53.X.Y:53 (X.Y from the
-/// test's pid: no other test uses it; loopback only). Answers A queries
+/// A DNS server for the test's own names on 127.53.X.Y:53, UDP and TCP
+/// (X.Y from the test's pid: no other test uses it; loopback only). Answers A queries
 /// for its names, an empty answer for other types of them, NXDOMAIN for
 /// anything else. Stops when dropped.
 struct DnsResponder {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl DnsResponder {
@@ -544,23 +544,49 @@ impl DnsResponder {
         sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
             .expect("timeout");
         let addr = sock.local_addr().expect("addr");
+        let tcp = TcpListener::bind(addr).expect("bind the test's DNS responder (TCP)");
+        tcp.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
-        let halt = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let (halt, udp_names) = (stop.clone(), names.clone());
+        let udp = std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !halt.load(Ordering::Relaxed) {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
-                if let Some(r) = dns_answer(&buf[..n], &names) {
+                if let Some(r) = dns_answer(&buf[..n], &udp_names) {
                     let _ = sock.send_to(&r, from);
+                }
+            }
+        });
+        let halt = stop.clone();
+        let tcp = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((mut c, _)) = tcp.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                let _ = c.set_nonblocking(false);
+                let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+                let mut len = [0u8; 2];
+                if c.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                if c.read_exact(&mut q).is_err() {
+                    continue;
+                }
+                if let Some(r) = dns_answer(&q, &names) {
+                    let mut framed = (r.len() as u16).to_be_bytes().to_vec();
+                    framed.extend(r);
+                    let _ = c.write_all(&framed);
                 }
             }
         });
         Self {
             addr,
             stop,
-            thread: Some(thread),
+            threads: vec![udp, tcp],
         }
     }
 }
@@ -568,7 +594,7 @@ impl DnsResponder {
 impl Drop for DnsResponder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -667,14 +693,22 @@ fn dns_names_the_server_resolved_are_learned_as_names() {
     let elsewhere = Ipv4Addr::new(127, 78, hi, lo);
     let listener = TcpListener::bind((peer, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
+    // Asked over TCP: a second peer on the same port.
+    let peer2 = Ipv4Addr::new(127, 79, hi, lo);
+    let listener2 = TcpListener::bind((peer2, port)).expect("listen");
     let name = format!("api-{pid}.example.test");
+    let name2 = format!("tcp-{pid}.example.test");
     let other = format!("other-{pid}.example.test");
-    let dns = DnsResponder::start(vec![(name.clone(), peer), (other.clone(), elsewhere)]);
+    let dns = DnsResponder::start(vec![
+        (name.clone(), peer),
+        (name2.clone(), peer2),
+        (other.clone(), elsewhere),
+    ]);
     let dns_addr = dns.addr.to_string();
-    let call = |n: &str| -> (&'static str, Value) {
+    let call = |n: &str, tcp: bool| -> (&'static str, Value) {
         (
             "lookup_fetch",
-            json!({"dns": dns_addr, "name": n, "port": port}),
+            json!({"dns": dns_addr, "name": n, "port": port, "tcp": tcp}),
         )
     };
     let server = toolbox();
@@ -691,24 +725,28 @@ fn dns_names_the_server_resolved_are_learned_as_names() {
         .arg(&events)
         .arg("--")
         .args(&server);
-    let (texts, out) = stdio_session(c, &[call(&name)]);
+    let (texts, out) = stdio_session(c, &[call(&name, false), call(&name2, true)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(texts, vec!["ok"], "{stderr}");
+    assert_eq!(texts, vec!["ok", "ok"], "{stderr}");
     let rules = assert_reviewable(&learned, 30);
     let text = std::fs::read_to_string(&learned).unwrap_or_default();
     // The peer is learned by its name (the agent resolves it again when
     // the policy is loaded); the resolver by its address.
     assert_eq!(
         rules.get("tools.lookup_fetch.network.connect"),
-        Some(&vec![dns_addr.clone(), format!("{name}:{port}")]),
+        Some(&vec![
+            dns_addr.clone(),
+            format!("{name}:{port}"),
+            format!("{name2}:{port}")
+        ]),
         "{text}"
     );
     assert!(
         rules
             .values()
             .flatten()
-            .all(|r| !r.starts_with(&peer.to_string())),
-        "the bare address is not learned: {text}"
+            .all(|r| !r.starts_with(&peer.to_string()) && !r.starts_with(&peer2.to_string())),
+        "the bare addresses are not learned: {text}"
     );
     assert!(
         text.contains(&format!("# seen 1 time: resolved by the server to {peer}")),
@@ -723,15 +761,20 @@ fn dns_names_the_server_resolved_are_learned_as_names() {
         .into_iter()
         .filter(|e| e["op"] == "dns")
         .collect();
-    assert_eq!(answers.len(), 1, "{answers:#?}");
-    let a = &answers[0];
-    assert_eq!(a["kind"], "net");
-    assert_eq!(a["name"], name.as_str());
-    assert_eq!(a["answers"], json!([peer.to_string()]));
-    assert_eq!(a["addr"], dns.addr.ip().to_string());
-    assert_eq!(a["port"], 53);
-    assert_eq!(a["tool"], "lookup_fetch");
-    assert!(a["call_id"].is_number(), "{a}");
+    assert_eq!(answers.len(), 2, "{answers:#?}");
+    for (a, (n, ip, proto)) in answers
+        .iter()
+        .zip([(&name, peer, "udp"), (&name2, peer2, "tcp")])
+    {
+        assert_eq!(a["kind"], "net");
+        assert_eq!(a["name"], n.as_str());
+        assert_eq!(a["answers"], json!([ip.to_string()]));
+        assert_eq!(a["protocol"], proto);
+        assert_eq!(a["addr"], dns.addr.ip().to_string());
+        assert_eq!(a["port"], 53);
+        assert_eq!(a["tool"], "lookup_fetch");
+        assert!(a["call_id"].is_number(), "{a}");
+    }
 
     // 2. Enforced: the agent resolves the name itself (at the test's DNS
     //    server); the same call passes, a name the policy does not hold is
@@ -741,9 +784,12 @@ fn dns_names_the_server_resolved_are_learned_as_names() {
     let server: Vec<&str> = server.iter().map(String::as_str).collect();
     let mut c = sc.command(&server);
     c.env("MCP_WARDEN_DNS", &dns_addr);
-    let (texts, out) = stdio_session(c, &[call(&name), call(&other)]);
+    let (texts, out) = stdio_session(
+        c,
+        &[call(&name, false), call(&name2, true), call(&other, false)],
+    );
     let run = sc.collect(0, out);
-    assert_eq!(texts, vec!["ok", "errno=1"], "{}", run.stderr);
+    assert_eq!(texts, vec!["ok", "ok", "errno=1"], "{}", run.stderr);
     let denials: Vec<&Value> = run
         .events
         .iter()
@@ -754,5 +800,5 @@ fn dns_names_the_server_resolved_are_learned_as_names() {
     assert_eq!(denials[0]["addr"], elsewhere.to_string());
     assert_eq!(denials[0]["port"], port);
     assert_eq!(denials[0]["tool"], "lookup_fetch");
-    drop(listener);
+    drop((listener, listener2));
 }
