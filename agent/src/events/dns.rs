@@ -136,4 +136,46 @@ mod tests {
         assert_eq!((a.name.as_str(), a.rcode.as_str()), ("no.test", "NXDomain"));
         assert!(a.addrs.is_empty());
     }
+
+    #[test]
+    fn kernel_record_of_an_answer() {
+        use crate::events::{kernel_record, Attribution, InstanceInfo};
+        use mcp_warden_common::{decision, kind, op, Event};
+        let n = Name::from_str("api.example.test.").unwrap();
+        let msg = response(
+            "api.example.test.",
+            vec![Record::from_rdata(n, 60, RData::A(rdata::A::new(127, 0, 0, 77)))],
+        );
+        let mut ev = Event {
+            kind: kind::NET,
+            op: op::DNS,
+            decision: decision::ALLOW,
+            family: libc::AF_INET as u32,
+            protocol: libc::IPPROTO_UDP as u32,
+            port: 53,
+            sock_type: msg.len() as u32,
+            ..Event::default()
+        };
+        ev.addr[..4].copy_from_slice(&[127, 0, 0, 53]);
+        ev.path[..msg.len()].copy_from_slice(&msg);
+        let attr = Attribution {
+            calls: vec![(serde_json::json!(3), "fetch".into())],
+        };
+        let r = kernel_record(&ev, &InstanceInfo::default(), &attr);
+        assert_eq!(r["kind"], "net");
+        assert_eq!(r["op"], "dns");
+        assert_eq!(r["decision"], "allow");
+        assert_eq!(r["name"], "api.example.test");
+        assert_eq!(r["answers"], serde_json::json!(["127.0.0.77"]));
+        assert_eq!(r["addr"], "127.0.0.53");
+        assert_eq!(r["port"], 53);
+        assert_eq!(r["protocol"], "udp");
+        assert_eq!(r["tool"], "fetch");
+        assert!(r["pid"].is_null() && r["comm"].is_null() && r["exe"].is_null());
+        assert!(r.get("sock_type").is_none());
+        // A copy that holds no response: the record says so.
+        ev.path = [0; mcp_warden_common::EVENT_PATH_LEN];
+        let r = kernel_record(&ev, &InstanceInfo::default(), &attr);
+        assert!(r["name"].is_null());
+    }
 }
