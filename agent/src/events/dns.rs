@@ -144,7 +144,11 @@ mod tests {
         let n = Name::from_str("api.example.test.").unwrap();
         let msg = response(
             "api.example.test.",
-            vec![Record::from_rdata(n, 60, RData::A(rdata::A::new(127, 0, 0, 77)))],
+            vec![Record::from_rdata(
+                n,
+                60,
+                RData::A(rdata::A::new(127, 0, 0, 77)),
+            )],
         );
         let mut ev = Event {
             kind: kind::NET,
