@@ -530,7 +530,7 @@ fn new_user_from_the_package() {
         ("audit_log", format!("{audit:?}")),
         ("cgroup_parent", format!("{uniq:?}")),
     ] {
-        cfg = set_config(&cfg, &k, &v);
+        cfg = set_config(&cfg, k, &v);
     }
     std::fs::write(&cfg_path, cfg).expect("edit agent.toml");
 
