@@ -32,7 +32,7 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap},
+    maps::{Array, LruHashMap},
     programs::RawTracePointContext,
 };
 use mcp_warden_common::{config, decision, flags, kind, op, InstanceState, EVENT_PATH_LEN};
@@ -61,9 +61,10 @@ static CONFIG: Array<u32> = Array::with_max_entries(config::COUNT, 0);
 /// number it happened in. Written only when a hook refuses (or, in audit
 /// mode, would refuse); sys_exit takes the entry and does not report that
 /// syscall again. The number makes a mark left by a syscall sys_exit does
-/// not audit (io_uring_enter running an openat inline) harmless.
+/// not audit (io_uring_enter running an openat inline) harmless; LRU, so
+/// marks of threads that died before their syscall's exit age out.
 #[map(name = "mw_reported")]
-pub(crate) static REPORTED: HashMap<u64, u64> = HashMap::with_max_entries(16384, 0);
+pub(crate) static REPORTED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 const EACCES: i64 = 13;
 const EPERM: i64 = 1;
@@ -73,8 +74,7 @@ const EXDEV: i64 = 18;
 /// there is none), per watched syscall (x86_64 numbers).
 const NONE: u8 = 0xff;
 
-#[inline(always)]
-fn watched(nr: u64) -> Option<(u32, u8, u8)> {
+const fn watched(nr: u64) -> Option<(u32, u8, u8)> {
     Some(match nr {
         2 => (op::OPEN, 0, 1),         // open(path, flags)
         85 => (op::OPEN, 0, NONE),     // creat(path, mode)
@@ -105,19 +105,61 @@ fn watched(nr: u64) -> Option<(u32, u8, u8)> {
     })
 }
 
-/// Syscall argument `n` (0..=2) from the saved user registers.
-#[inline(always)]
-fn sys_arg(regs: *const pt_regs, n: u8) -> u64 {
-    // SAFETY: `regs` is the tracepoint's pt_regs pointer; the
-    // checked helper reads kernel memory and fails cleanly.
-    unsafe {
-        let p = match n {
-            0 => core::ptr::addr_of!((*regs).rdi),
-            1 => core::ptr::addr_of!((*regs).rsi),
-            _ => core::ptr::addr_of!((*regs).rdx),
-        };
-        bpf_probe_read_kernel(p).unwrap_or(0)
+/// Every watched syscall number is below this.
+const TABLE_LEN: usize = 512;
+/// `flags` slot of creat(), which is open(O_CREAT | O_WRONLY | O_TRUNC).
+const CREAT: u8 = 0xfe;
+
+/// One table entry: op | path arg << 8 | flags arg << 16 | dirfd arg << 24
+/// (`NONE` for no flags or no dirfd); 0 for a syscall not watched.
+const fn entry(nr: u64) -> u32 {
+    match watched(nr) {
+        None => 0,
+        Some((operation, path_arg, flags_arg)) => {
+            let flags_arg = if nr == 85 { CREAT } else { flags_arg };
+            // The *at calls take their dirfd in the argument just before
+            // the path; symlink(target, linkpath) is the one plain call
+            // with its path second.
+            let dirfd_arg = if nr == 88 || path_arg == 0 {
+                NONE
+            } else {
+                path_arg - 1
+            };
+            operation | (path_arg as u32) << 8 | (flags_arg as u32) << 16 | (dirfd_arg as u32) << 24
+        }
     }
+}
+
+/// [`watched`] as a table, read with the syscall number as index: one
+/// load instead of a branch per syscall, which keeps the verifier's state
+/// count low (Linux 6.1 gave up on the branchy form in sys_exit).
+static WATCHED: [u32; TABLE_LEN] = {
+    let mut t = [0u32; TABLE_LEN];
+    let mut i = 0;
+    while i < TABLE_LEN {
+        t[i] = entry(i as u64);
+        i += 1;
+    }
+    t
+};
+
+/// The first three syscall arguments from the saved user registers.
+#[inline(always)]
+fn sys_args(regs: *const pt_regs) -> [u64; 3] {
+    // SAFETY: `regs` is the tracepoint's pt_regs pointer; the checked
+    // helper reads kernel memory and fails cleanly. rdx, rsi and rdi are
+    // adjacent in pt_regs, in that order.
+    let [rdx, rsi, rdi] = unsafe {
+        bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rdx) as *const [u64; 3]).unwrap_or([0; 3])
+    };
+    [rdi, rsi, rdx]
+}
+
+/// Argument `n` (0..=2) of `a`, without a branch per value.
+#[inline(always)]
+fn pick(a: &[u64; 3], n: u32) -> u64 {
+    let m = |i: u32| (u64::from(n == i)).wrapping_neg();
+    (a[0] & m(0)) | (a[1] & m(1)) | (a[2] & m(2))
 }
 
 #[inline(always)]
@@ -162,22 +204,26 @@ fn any_wants_allowed() -> bool {
 /// The watched syscall `nr` with its arguments, read from `regs`.
 #[inline(always)]
 fn pending(regs: *const pt_regs, nr: u64) -> Option<Pending> {
-    let (operation, path_arg, flags_arg) = watched(nr)?;
-    let path = sys_arg(regs, path_arg);
-    let flags = match (nr, flags_arg) {
-        // creat() is open(O_CREAT | O_WRONLY | O_TRUNC).
-        (85, _) => 0o1101,
-        (_, NONE) => 0,
-        (_, n) => sys_arg(regs, n),
+    // SAFETY: our own read-only table; volatile so the load stays one load.
+    let w = unsafe { core::ptr::read_volatile(WATCHED.get(nr as usize)?) };
+    let operation = w & 0xff;
+    if operation == 0 {
+        return None;
+    }
+    let (path_arg, flags_arg, dirfd_arg) = ((w >> 8) & 0xff, (w >> 16) & 0xff, w >> 24);
+    let a = sys_args(regs);
+    let flags = match flags_arg {
+        x if x == CREAT as u32 => 0o1101,
+        x if x == NONE as u32 => 0,
+        x => pick(&a, x),
     };
-    // The *at calls take their dirfd in the argument just before the path;
-    // symlink(target, linkpath) is the one plain call with its path second.
-    let dirfd = match (nr, path_arg) {
-        (88, _) | (_, 0) => AT_FDCWD,
-        (_, n) => sys_arg(regs, n - 1) as u32,
+    let dirfd = if dirfd_arg == NONE as u32 {
+        AT_FDCWD
+    } else {
+        pick(&a, dirfd_arg) as u32
     };
     Some(Pending {
-        path,
+        path: pick(&a, path_arg),
         op: operation,
         flags: flags as u32,
         dirfd,
@@ -221,10 +267,9 @@ pub fn mw_sys_exit(ctx: RawTracePointContext) -> i32 {
     let Some(p) = pending(regs, nr) else {
         return 0;
     };
-    if !refused && p.op == op::EXEC {
-        return 0;
-    }
-    if reported_by_lsm(nr) {
+    // Take the thread's mark first, so a successful exec (not reported
+    // here) does not leave it behind for a later execve.
+    if reported_by_lsm(nr) || (!refused && p.op == op::EXEC) {
         return 0;
     }
     report(&p, ret, cg, &st);

@@ -110,14 +110,21 @@ fn num(m: &BTreeMap<String, String>, k: &str) -> Result<f64> {
         .with_context(|| format!("{k} is not a number"))
 }
 
-/// Run a program, capture stdout, fail unless it exits 0.
+/// Run a program, capture stdout, fail unless it exits 0. Its stdin is a
+/// pipe held open until it exits: `mcp-warden run` takes end of input as
+/// its client leaving and ends the server 5 s later, which a loaded
+/// machine can reach before a long loop finishes.
 fn output(prog: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(prog)
+    let mut child = Command::new(prog)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output()
+        .spawn()
         .with_context(|| format!("starting {}", prog.display()))?;
+    let stdin = child.stdin.take();
+    let out = child.wait_with_output()?;
+    drop(stdin);
     if !out.status.success() {
         bail!(
             "{} {args:?} exited with {}",
@@ -1024,7 +1031,16 @@ fn render(ctx: &Ctx, m: &Machine, r: &Results) -> String {
     let gbps = BIG as f64 / added_big.max(1.0);
     goals.push((
         "16 MiB tool result: bytes / time the relay adds".into(),
-        format!("{gbps:.2} GB/s"),
+        if added_big <= 0.0 {
+            // Noise: the relayed runs were not slower than the direct ones.
+            format!(
+                "not measurable in this run (relayed {:.1} ms ≤ direct {:.1} ms)",
+                r.big_relay.median() / 1e6,
+                r.big_direct.median() / 1e6
+            )
+        } else {
+            format!("{gbps:.2} GB/s")
+        },
         "≥ 1 GB/s".into(),
         gbps >= 1.0,
     ));
