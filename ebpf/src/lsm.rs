@@ -403,6 +403,11 @@ pub fn mw_path_link(ctx: LsmContext) -> i32 {
     if verdict(s, cg, &st, writable, what, n) != 0 {
         return -EPERM;
     }
+    // Kept in memory, not in a register: the verifier would otherwise
+    // carry each combination of bits through the walks below as its own
+    // state (see [`Walk`]).
+    // SAFETY: our own map value.
+    unsafe { core::ptr::write_volatile(&mut w.new_rights, new_rights) };
     // The existing name, which must hold every right the new one has.
     let Some(len) = link_source_path(s, w, oe, nd) else {
         return verdict(s, cg, &st, false, what, 0);
@@ -412,6 +417,8 @@ pub fn mw_path_link(ctx: LsmContext) -> i32 {
     } else {
         0
     };
+    // SAFETY: our own map value.
+    let new_rights = unsafe { core::ptr::read_volatile(&w.new_rights) };
     if new_rights & !old_rights != 0 {
         return verdict(s, cg, &st, false, what, len);
     }
@@ -435,14 +442,26 @@ fn rights(rule: Option<&FileRule>, mask: u64) -> u32 {
     bits
 }
 
-/// How deep below its mount (or root) a hard link's source may be.
-const LINK_DEPTH: usize = 40;
+/// How deep below its mount (or root) a hard link's source may be (a power
+/// of two: indexes are masked with `LINK_DEPTH - 1`, which the verifier
+/// can bound).
+const LINK_DEPTH: usize = 64;
 
-/// The names of a dentry's ancestors, for [`link_source_path`].
+/// The names of a dentry's ancestors, for [`link_source_path`], and the
+/// results of each loop. Those go through memory (volatile): a value the
+/// verifier reads back from a map is an unknown scalar, so the states that
+/// leave a bounded loop at different iterations become one; kept in
+/// registers, each exit of one loop would be verified through every later
+/// loop (tens of millions of instructions, over the verifier's limit).
 #[repr(C)]
 pub struct Walk {
     names: [u64; LINK_DEPTH],
     lens: [u32; LINK_DEPTH],
+    anchor: u64,
+    depth: u32,
+    bytes: u32,
+    len: u32,
+    new_rights: u32,
 }
 
 #[map(name = "mw_fwalk")]
@@ -464,49 +483,61 @@ struct Stops {
     task_root: *const u8,
 }
 
-/// Walk from `d` up to its stop. Returns (stop, depth, bytes of `/name`
-/// per level); the names are recorded in `w` when `record`.
+/// Walk from `d` up to its stop; the stop, the depth and the bytes of
+/// `/name` per level go to `w.anchor`, `w.depth`, `w.bytes`, and the names
+/// to `w.names`/`w.lens` when `record`. False when the walk fails or is
+/// deeper than [`LINK_DEPTH`].
 #[inline(always)]
-fn walk_up(
-    w: &mut Walk,
-    stops: &Stops,
-    mut d: *const u8,
-    record: bool,
-) -> Option<(*const u8, usize, usize)> {
+fn walk_up(w: &mut Walk, stops: &Stops, mut d: *const u8, record: bool) -> bool {
     let (off_parent, off_name, off_len) = (
         global(&MW_OFF_DENTRY_PARENT),
         global(&MW_OFF_DENTRY_NAME),
         global(&MW_OFF_DENTRY_NAME_LEN),
     );
-    let mut bytes = 0usize;
+    let mut bytes = 0u32;
     let mut i = 0usize;
     while i < LINK_DEPTH + 1 {
         if d.is_null() {
-            return None;
+            return false;
         }
-        let parent = read_ptr(d, off_parent)?;
+        let Some(parent) = read_ptr(d, off_parent) else {
+            return false;
+        };
         if d == stops.mnt_root || d == stops.task_root || parent == d {
-            return Some((d, i, bytes));
+            // SAFETY: our own map value.
+            unsafe {
+                core::ptr::write_volatile(&mut w.anchor, d as u64);
+                core::ptr::write_volatile(&mut w.depth, i as u32);
+                core::ptr::write_volatile(&mut w.bytes, bytes);
+            }
+            return true;
         }
         if i >= LINK_DEPTH {
             // Too deep to name: the caller refuses.
-            return None;
+            return false;
         }
         // SAFETY: checked kernel read of qstr.len.
-        let n = unsafe { bpf_probe_read_kernel(d.wrapping_add(off_len as usize) as *const u32) }
-            .ok()?;
+        let Ok(n) =
+            (unsafe { bpf_probe_read_kernel(d.wrapping_add(off_len as usize) as *const u32) })
+        else {
+            return false;
+        };
         if n == 0 || n > 255 {
-            return None;
+            return false;
         }
         if record {
-            w.names[i] = read_ptr(d, off_name)? as u64;
-            w.lens[i] = n;
+            let Some(name) = read_ptr(d, off_name) else {
+                return false;
+            };
+            let k = i & (LINK_DEPTH - 1);
+            w.names[k] = name as u64;
+            w.lens[k] = n;
         }
-        bytes += 1 + n as usize;
+        bytes += 1 + n;
         d = parent;
         i += 1;
     }
-    None
+    false
 }
 
 /// Build the path of a hard link's source `old` (a dentry on `new_dir`'s
@@ -547,9 +578,26 @@ fn link_source_path(
             core::ptr::null()
         },
     };
-    let (anchor_new, _, rel_new) = walk_up(w, &stops, dir_dentry, false)?;
-    let (anchor_old, depth, _) = walk_up(w, &stops, old, true)?;
-    if anchor_new != anchor_old || depth == 0 {
+    if !walk_up(w, &stops, dir_dentry, false) {
+        return None;
+    }
+    // SAFETY (all volatile reads here): our own map value.
+    let (anchor_new, rel_new) = unsafe {
+        (
+            core::ptr::read_volatile(&w.anchor),
+            core::ptr::read_volatile(&w.bytes) as usize,
+        )
+    };
+    if !walk_up(w, &stops, old, true) {
+        return None;
+    }
+    let (anchor_old, depth) = unsafe {
+        (
+            core::ptr::read_volatile(&w.anchor),
+            core::ptr::read_volatile(&w.depth) as usize,
+        )
+    };
+    if anchor_new != anchor_old || depth == 0 || depth > LINK_DEPTH {
         return None;
     }
     // new_dir's path minus its part below the anchor: the anchor's path.
@@ -574,7 +622,7 @@ fn link_source_path(
         if j >= depth || len >= 256 {
             break;
         }
-        let i = (depth - 1 - j) % LINK_DEPTH;
+        let i = (depth - 1 - j) & (LINK_DEPTH - 1);
         let at = len & 255;
         s.buf[at] = b'/';
         let m = (w.lens[i] & 255) as usize;
@@ -593,6 +641,9 @@ fn link_source_path(
         len = at + 1 + m;
         j += 1;
     }
+    // SAFETY: our own map value.
+    unsafe { core::ptr::write_volatile(&mut w.len, len as u32) };
+    let len = unsafe { core::ptr::read_volatile(&w.len) } as usize & 4095;
     if len == 0 {
         return None;
     }

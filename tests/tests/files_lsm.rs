@@ -102,12 +102,21 @@ fn probe(tag: &str, policy: &str, ops: &[&[&str]]) -> Option<Run> {
 /// refused there): Landlock keeps those rights, refuses with EACCES and the
 /// syscall audit reports it. Elsewhere the LSM hook refuses with EPERM.
 fn mutations_by_landlock(run: &Run) -> bool {
-    started(run)["confinement"]["landlock"]["warnings"]
+    let by_landlock = started(run)["confinement"]["landlock"]["warnings"]
         .as_array()
         .is_some_and(|w| {
             w.iter()
                 .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
-        })
+        });
+    // Only Linux 6.1 may leave them to Landlock: a hook that stops loading
+    // elsewhere is a failure, not a second expectation.
+    if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
+        assert!(
+            !by_landlock,
+            "path hooks not in force on this kernel: {run:?}"
+        );
+    }
+    by_landlock
 }
 
 fn deny_events<'a>(run: &'a Run, kind: &str, op: &str, path: &str) -> Vec<&'a Value> {
@@ -488,8 +497,8 @@ fn cgroup2_mount() -> std::path::PathBuf {
 /// /proc/PID/environ (PTRACE_MODE_READ) and opening its /proc/PID/mem
 /// (PTRACE_MODE_ATTACH) succeed. Then the test (root, outside) moves the
 /// child into another cgroup: it is no longer in the instance, and only the
-/// BPF-LSM hook refuses (EPERM, where Landlock would say EACCES), writing
-/// the `ptrace` events no other layer writes. (ptrace(2) itself is refused
+/// BPF-LSM hook refuses, writing the `ptrace` events no other layer writes
+/// (/proc answers EACCES for any LSM's refusal: mm_access). (ptrace(2) itself is refused
 /// by seccomp on both backends.) The fallback has no such hook: Landlock
 /// scopes ptrace by its domain, which the moved child still shares
 /// (docs/backends-fallback.md).
@@ -582,7 +591,7 @@ fn ptrace_of_a_process_moved_out_of_the_instance() {
         assert_eq!(ptrace_denials(pid), 0, "{:#?}", run.events);
         return;
     }
-    assert_eq!(lines[4..], [EPERM, EPERM], "{run:?}");
+    assert_eq!(lines[4..], [EACCES, EACCES], "{run:?}");
     assert_eq!(ptrace_denials(pid), 2, "{:#?}", run.events);
 }
 

@@ -143,31 +143,40 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
         .check()
 }
 
-/// Run every test binary of the e2e package inside the VM, in one boot.
+/// Run every kernel-dependent test binary of the e2e package inside the
+/// VM, one boot per suite (a boot costs seconds; each suite gets the VM's
+/// whole time limit, and a guest that hangs costs one suite). Every suite
+/// runs even when one fails; each prints its duration.
 fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
     let binaries = e2e_test_binaries(root)?;
     if binaries.is_empty() {
         bail!("no test binary found in {E2E_PACKAGE}");
     }
-    // One boot for all binaries; every binary runs even when one fails.
-    let script =
-        "rc=0; for t in \"$@\"; do echo \"== $t\"; \"$t\" --test-threads=1 || rc=1; done; exit $rc";
-    let status = Cmd::new(std::env::current_exe()?)
-        .args([
-            "vm",
-            "--kernel",
+    let mut failed = Vec::new();
+    for bin in &binaries {
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let start = Instant::now();
+        let status = Cmd::new(std::env::current_exe()?)
+            .args(["vm", "--kernel", kernel.name(), "--"])
+            .arg(bin)
+            .arg("--test-threads=1")
+            .current_dir(root)
+            .status()?;
+        println!(
+            "==== VM Linux {}: {name}: {} ({:.1} s)",
             kernel.name(),
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
-        .args(&binaries)
-        .current_dir(root)
-        .status()?;
-    if status != 0 {
-        bail!("the e2e suite in the VM exited with {status}");
+            if status == 0 { "ok" } else { "FAILED" },
+            start.elapsed().as_secs_f64()
+        );
+        if status != 0 {
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("suites failed in the VM: {}", failed.join(", "));
     }
     Ok(())
 }

@@ -107,11 +107,23 @@ pub fn attach_all(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<Vec<(&'static str, 
             Err(e) => log::warn!(
                 "BPF-LSM hook {hook} not available on this kernel (its rights stay with \
                  Landlock): {}",
-                e.lines().next().unwrap_or("")
+                verifier_summary(&e)
             ),
         }
     }
     Ok(links)
+}
+
+/// The first line of a load error and, when the verifier's log follows, its
+/// last lines (where the verifier says why).
+fn verifier_summary(e: &str) -> String {
+    let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [first, .., last] if lines.len() <= 4 => format!("{first} ... {last}"),
+        [first, ..] => format!("{first} ... {}", lines[lines.len() - 3..].join(" | ")),
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
