@@ -30,7 +30,7 @@ use crate::{
     },
     events::{
         sink::{EventSink, JsonLinesFile},
-        InstanceInfo, Sinks,
+        Sinks,
     },
     host::{Host, HostError, HostOptions, Registered},
     policy::{self, model::Governance, Policy, Vars},
@@ -421,27 +421,6 @@ pub fn check_agent_reachable(policy: &Policy, socket: &Path) -> Result<(), Strin
     Ok(())
 }
 
-fn instance_info(policy: &Policy, uid: u32) -> InstanceInfo {
-    let user = nix::unistd::User::from_uid(uid.into())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| uid.to_string());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    InstanceInfo {
-        server: policy.server.clone(),
-        instance: String::new(),
-        policy_source: policy.source.clone(),
-        backend: String::new(),
-        uid,
-        user,
-        host,
-    }
-}
-
 /// Parse `text` for `uid`, naming it `label` in diagnostics.
 fn parse_for(text: &str, label: &str, uid: u32) -> Result<Policy, String> {
     let vars = Vars::for_uid(uid).map_err(|e| e.to_string())?;
@@ -625,7 +604,7 @@ impl Agent {
             };
             policy.source = rec.policy_source.clone();
             let policy = Arc::new(policy);
-            let info = instance_info(&policy, rec.owner_uid);
+            let info = crate::run::instance_info_for(&policy, rec.owner_uid);
             match self
                 .host
                 .adopt_instance(&rec.cgroup, rec.instance_id, policy, info)
@@ -741,7 +720,7 @@ impl Agent {
             Err(e) => return control::err(e),
         };
         let policy = Arc::new(policy);
-        let info = instance_info(&policy, peer.uid);
+        let info = crate::run::instance_info_for(&policy, peer.uid);
         let reg = match self.host.register(policy.clone(), info).await {
             Ok(r) => r,
             Err(e) => return control::err(crate::run::error_chain(&e)),
