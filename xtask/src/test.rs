@@ -168,9 +168,7 @@ fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
                 cmd = cmd.args(["--skip", test]);
             }
         }
-        let status = cmd
-            .current_dir(root)
-            .status()?;
+        let status = cmd.current_dir(root).status()?;
         println!(
             "==== VM Linux {}: {name}: {} ({:.1} s)",
             kernel.name(),
