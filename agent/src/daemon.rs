@@ -1000,6 +1000,7 @@ impl Agent {
             "backend": self.host.backend(),
             "programs": if self.host.adopted() { "adopted" } else { "loaded" },
             "hooks": self.host.hooks(),
+            "files_by": control::files_by_name(self.host.files_by()),
             "pin_root": self.cfg.pin_root,
             "policy_dir": self.cfg.policy_dir,
             "allow_user_policies": self.cfg.allow_user_policies,

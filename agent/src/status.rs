@@ -95,6 +95,19 @@ pub fn render_status(v: &Value) -> String {
             out.push_str(&format!("hooks NOT in force: {}\n", off.join(" ")));
         }
     }
+    // Who holds the file rights (Linux 6.1 keeps the mutations with
+    // Landlock: the union of the tools' write rules, for the whole run).
+    match v["files_by"].as_str() {
+        Some("bpf-lsm-except-mutations") => out.push_str(
+            "files: opens and exec by BPF-LSM, per tool call; create/remove/rename/link/\
+             truncate by Landlock (union of every tool's rules)\n",
+        ),
+        Some("bpf-lsm") => out.push_str("files: BPF-LSM, per tool call\n"),
+        Some("landlock") => {
+            out.push_str("files: Landlock (union of every tool's rules, whole run)\n")
+        }
+        _ => {}
+    }
     let insts = v["instances"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("instances: {}\n", insts.len()));
     for i in &insts {
@@ -250,6 +263,20 @@ mod tests {
         assert!(s.contains("calls_in_flight=1"), "{s}");
         assert!(s.contains("net/deny=2"), "{s}");
         assert!(s.contains("events lost: net=0"), "{s}");
+        assert!(!s.contains("files:"), "{s}");
+    }
+
+    /// Linux 6.1's BPF-LSM: the status says who holds the mutations.
+    #[test]
+    fn files_by_on_linux_6_1() {
+        let v = json!({"backend": "bpf-lsm", "files_by": "bpf-lsm-except-mutations",
+                       "hooks": {"path_unlink": false, "file_open": true}});
+        let s = render_status(&v);
+        assert!(s.contains("hooks NOT in force: path_unlink"), "{s}");
+        assert!(
+            s.contains("truncate by Landlock (union of every tool's rules)"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -21,7 +21,8 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 use mcp_warden_common::{
-    access, decision, flags, kind, op, FileKey, InstanceState, FILE_KEY_FIXED_BITS, FILE_PATH_MAX,
+    access, decision, flags, kind, op, FileKey, FileRule, InstanceState, FILE_KEY_FIXED_BITS,
+    FILE_PATH_MAX,
 };
 
 use crate::{
@@ -46,6 +47,22 @@ static MW_OFF_FILE_F_FLAGS: u32 = 0;
 /// dentry.d_name + qstr.name.
 #[unsafe(no_mangle)]
 static MW_OFF_DENTRY_NAME: u32 = 0;
+/// dentry.d_name + qstr.len.
+#[unsafe(no_mangle)]
+static MW_OFF_DENTRY_NAME_LEN: u32 = 0;
+#[unsafe(no_mangle)]
+static MW_OFF_DENTRY_PARENT: u32 = 0;
+/// path.mnt and vfsmount.mnt_root (0 on every kernel seen, but read).
+#[unsafe(no_mangle)]
+static MW_OFF_PATH_MNT: u32 = 0;
+#[unsafe(no_mangle)]
+static MW_OFF_PATH_DENTRY: u32 = 0;
+#[unsafe(no_mangle)]
+static MW_OFF_VFSMOUNT_MNT_ROOT: u32 = 0;
+#[unsafe(no_mangle)]
+static MW_OFF_TASK_FS: u32 = 0;
+#[unsafe(no_mangle)]
+static MW_OFF_FS_STRUCT_ROOT: u32 = 0;
 #[unsafe(no_mangle)]
 static MW_OFF_BPRM_FILE: u32 = 0;
 #[unsafe(no_mangle)]
@@ -131,6 +148,19 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
     if s.buf[0] != b'/' {
         return true;
     }
+    if !set_key(s, st, len) {
+        return false;
+    }
+    match FILE_RULES.get(&s.key) {
+        Some(rule) => rule.allows(acc, st.active_mask),
+        None => false,
+    }
+}
+
+/// The lookup key for the first `len` bytes of the scratch path (at most
+/// [`FILE_PATH_MAX`] of them); false if it cannot be made.
+#[inline(always)]
+fn set_key(s: &mut Scratch, st: &InstanceState, len: usize) -> bool {
     s.key.prefix_len = FILE_KEY_FIXED_BITS + 8 * FILE_PATH_MAX as u32;
     s.key.data.policy_id = st.policy_id.to_be_bytes();
     s.key.data.path = [0; FILE_PATH_MAX];
@@ -149,13 +179,7 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
             s.buf.as_ptr().cast(),
         )
     };
-    if r != 0 {
-        return false;
-    }
-    match FILE_RULES.get(&s.key) {
-        Some(rule) => rule.allows(acc, st.active_mask),
-        None => false,
-    }
+    r == 0
 }
 
 /// What is being judged, for the event: kind, operation, open flags.
@@ -339,14 +363,299 @@ pub fn mw_path_rename(ctx: LsmContext) -> i32 {
     judge(nd, ne, access::WRITE, kind::FILE, op::RENAME, 0)
 }
 
-/// The new name must be writable. (The source is named by a dentry with no
-/// mount here, so it cannot be turned into a path: see docs.)
+/// A hard link: the new name must be writable, and the link may give the
+/// file no right its existing name lacks (read, write or exec; `deny`
+/// counts for all three), as Landlock's `refer` rule: a file the server
+/// may not read cannot get a readable or writable second name.
+///
+/// The existing file is named only by a dentry here (no mount), so
+/// `bpf_d_path` cannot name it. Hard links never cross mounts: it lives on
+/// `new_dir`'s mount. Its path is `new_dir`'s path up to the anchor both
+/// share (the mount's root, or the task's root directory when that is on
+/// this mount), then the old dentry's names from the anchor down, read by
+/// walking `d_parent`. A walk deeper than [`LINK_DEPTH`], or ending on a
+/// different anchor (a disconnected dentry), is refused: fail closed.
 #[lsm(hook = "path_link")]
 pub fn mw_path_link(ctx: LsmContext) -> i32 {
     // (struct dentry *old_dentry, const struct path *new_dir,
     // struct dentry *new_dentry)
-    let (nd, ne): (*const u8, *const u8) = (ctx.arg(1), ctx.arg(2));
-    judge(nd, ne, access::WRITE, kind::FILE, op::LINK, 0)
+    let (oe, nd, ne): (*const u8, *const u8, *const u8) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    let Some((cg, st)) = current_instance() else {
+        return 0;
+    };
+    let (Some(p), Some(wp)) = (SCRATCH.get_ptr_mut(0), WALK.get_ptr_mut(0)) else {
+        return -EPERM;
+    };
+    // SAFETY: per-CPU scratch, not shared while this program runs.
+    let (s, w) = unsafe { (&mut *p, &mut *wp) };
+    let what = What {
+        k: kind::FILE,
+        operation: op::LINK,
+        fl: 0,
+    };
+    // The new name: `d_path(new_dir)/name`, which must be writable.
+    let name = dentry_name(ne);
+    if name.is_null() {
+        return verdict(s, cg, &st, false, what, 0);
+    }
+    let Some(n) = build_path(s, nd, name) else {
+        return verdict(s, cg, &st, false, what, 0);
+    };
+    let new_rights = if s.buf[0] == b'/' && set_key(s, &st, n) {
+        rights(FILE_RULES.get(&s.key), st.active_mask)
+    } else {
+        0
+    };
+    let writable = new_rights & (1 << access::WRITE) != 0;
+    // Refused (or, in audit mode, reported and judged further).
+    if verdict(s, cg, &st, writable, what, n) != 0 {
+        return -EPERM;
+    }
+    // Kept in memory, not in a register: the verifier would otherwise
+    // carry each combination of bits through the walks below as its own
+    // state (see [`Walk`]).
+    // SAFETY: our own map value.
+    unsafe { core::ptr::write_volatile(&mut w.new_rights, new_rights) };
+    // The existing name, which must hold every right the new one has.
+    let Some(len) = link_source_path(s, w, oe, nd) else {
+        return verdict(s, cg, &st, false, what, 0);
+    };
+    let old_rights = if s.buf[0] == b'/' && set_key(s, &st, len) {
+        rights(FILE_RULES.get(&s.key), st.active_mask)
+    } else {
+        0
+    };
+    // SAFETY: our own map value.
+    let new_rights = unsafe { core::ptr::read_volatile(&w.new_rights) };
+    if new_rights & !old_rights != 0 {
+        return verdict(s, cg, &st, false, what, len);
+    }
+    0
+}
+
+/// The access kinds (bit per `access::*`) a rule grants under `mask`.
+#[inline(always)]
+fn rights(rule: Option<&FileRule>, mask: u64) -> u32 {
+    let Some(r) = rule else {
+        return 0;
+    };
+    let mut bits = 0;
+    let mut acc = 0;
+    while acc < access::COUNT {
+        if r.allows(acc, mask) {
+            bits |= 1 << acc;
+        }
+        acc += 1;
+    }
+    bits
+}
+
+/// How deep below its mount (or root) a hard link's source may be (a power
+/// of two: indexes are masked with `LINK_DEPTH - 1`, which the verifier
+/// can bound).
+const LINK_DEPTH: usize = 64;
+
+/// The names of a dentry's ancestors, for [`link_source_path`], and the
+/// results of each loop. Those go through memory (volatile): a value the
+/// verifier reads back from a map is an unknown scalar, so the states that
+/// leave a bounded loop at different iterations become one; kept in
+/// registers, each exit of one loop would be verified through every later
+/// loop (tens of millions of instructions, over the verifier's limit).
+#[repr(C)]
+pub struct Walk {
+    names: [u64; LINK_DEPTH],
+    lens: [u32; LINK_DEPTH],
+    anchor: u64,
+    depth: u32,
+    bytes: u32,
+    len: u32,
+    new_rights: u32,
+}
+
+#[map(name = "mw_fwalk")]
+static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Read a pointer at `base + off`.
+#[inline(always)]
+fn read_ptr(base: *const u8, off: u32) -> Option<*const u8> {
+    // SAFETY: checked kernel read.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const u64) }
+        .ok()
+        .map(|p| p as *const u8)
+}
+
+/// Where a walk up from a dentry stops: the mount's root, the task's root
+/// directory (if on this mount), or a dentry that is its own parent.
+struct Stops {
+    mnt_root: *const u8,
+    task_root: *const u8,
+}
+
+/// Walk from `d` up to its stop; the stop, the depth and the bytes of
+/// `/name` per level go to `w.anchor`, `w.depth`, `w.bytes`, and the names
+/// to `w.names`/`w.lens` when `record`. False when the walk fails or is
+/// deeper than [`LINK_DEPTH`].
+#[inline(always)]
+fn walk_up(w: &mut Walk, stops: &Stops, mut d: *const u8, record: bool) -> bool {
+    let (off_parent, off_name, off_len) = (
+        global(&MW_OFF_DENTRY_PARENT),
+        global(&MW_OFF_DENTRY_NAME),
+        global(&MW_OFF_DENTRY_NAME_LEN),
+    );
+    let mut bytes = 0u32;
+    let mut i = 0usize;
+    while i < LINK_DEPTH + 1 {
+        if d.is_null() {
+            return false;
+        }
+        let Some(parent) = read_ptr(d, off_parent) else {
+            return false;
+        };
+        if d == stops.mnt_root || d == stops.task_root || parent == d {
+            // SAFETY: our own map value.
+            unsafe {
+                core::ptr::write_volatile(&mut w.anchor, d as u64);
+                core::ptr::write_volatile(&mut w.depth, i as u32);
+                core::ptr::write_volatile(&mut w.bytes, bytes);
+            }
+            return true;
+        }
+        if i >= LINK_DEPTH {
+            // Too deep to name: the caller refuses.
+            return false;
+        }
+        // SAFETY: checked kernel read of qstr.len.
+        let Ok(n) =
+            (unsafe { bpf_probe_read_kernel(d.wrapping_add(off_len as usize) as *const u32) })
+        else {
+            return false;
+        };
+        if n == 0 || n > 255 {
+            return false;
+        }
+        if record {
+            let Some(name) = read_ptr(d, off_name) else {
+                return false;
+            };
+            let k = i & (LINK_DEPTH - 1);
+            w.names[k] = name as u64;
+            w.lens[k] = n;
+        }
+        bytes += 1 + n;
+        d = parent;
+        i += 1;
+    }
+    false
+}
+
+/// Build the path of a hard link's source `old` (a dentry on `new_dir`'s
+/// mount) in the scratch buffer; its length, or None when it cannot be
+/// named (the caller refuses). The buffer holds the first 256 bytes and
+/// more; only the first 252 are looked up (the key), like every path.
+#[inline(always)]
+fn link_source_path(
+    s: &mut Scratch,
+    w: &mut Walk,
+    old: *const u8,
+    new_dir: *const u8,
+) -> Option<usize> {
+    let (off_mnt, off_dentry, off_mnt_root, off_fs, off_fs_root) = (
+        global(&MW_OFF_PATH_MNT),
+        global(&MW_OFF_PATH_DENTRY),
+        global(&MW_OFF_VFSMOUNT_MNT_ROOT),
+        global(&MW_OFF_TASK_FS),
+        global(&MW_OFF_FS_STRUCT_ROOT),
+    );
+    if off_dentry == 0 || off_fs == 0 {
+        return None;
+    }
+    let mnt = read_ptr(new_dir, off_mnt)?;
+    let dir_dentry = read_ptr(new_dir, off_dentry)?;
+    let mnt_root = read_ptr(mnt, off_mnt_root)?;
+    // SAFETY: the current task, read through checked kernel reads.
+    let task = unsafe { generated::bpf_get_current_task() } as *const u8;
+    let fs = read_ptr(task, off_fs)?;
+    let root = fs.wrapping_add(off_fs_root as usize);
+    let root_mnt = read_ptr(root, off_mnt)?;
+    let root_dentry = read_ptr(root, off_dentry)?;
+    let stops = Stops {
+        mnt_root,
+        task_root: if root_mnt == mnt {
+            root_dentry
+        } else {
+            core::ptr::null()
+        },
+    };
+    if !walk_up(w, &stops, dir_dentry, false) {
+        return None;
+    }
+    // SAFETY (all volatile reads here): our own map value.
+    let (anchor_new, rel_new) = unsafe {
+        (
+            core::ptr::read_volatile(&w.anchor),
+            core::ptr::read_volatile(&w.bytes) as usize,
+        )
+    };
+    if !walk_up(w, &stops, old, true) {
+        return None;
+    }
+    let (anchor_old, depth) = unsafe {
+        (
+            core::ptr::read_volatile(&w.anchor),
+            core::ptr::read_volatile(&w.depth) as usize,
+        )
+    };
+    if anchor_new != anchor_old || depth == 0 || depth > LINK_DEPTH {
+        return None;
+    }
+    // new_dir's path minus its part below the anchor: the anchor's path.
+    let buf = s.buf.as_mut_ptr();
+    // SAFETY: `new_dir` is the hook's `struct path *`, tracked by BTF.
+    let n = unsafe { generated::bpf_d_path(new_dir as *mut _, buf.cast(), 4096) };
+    if n <= 0 {
+        return None;
+    }
+    let dlen = (n as usize - 1) & 4095;
+    if rel_new > dlen {
+        return None;
+    }
+    let mut len = dlen - rel_new;
+    if len == 1 && s.buf[0] == b'/' {
+        len = 0;
+    }
+    // Then `/name` per level, from the anchor down, while the path is
+    // shorter than the event's 255 bytes (the key holds 252).
+    let mut j = 0usize;
+    while j < LINK_DEPTH {
+        if j >= depth || len >= 256 {
+            break;
+        }
+        let i = (depth - 1 - j) & (LINK_DEPTH - 1);
+        let at = len & 255;
+        s.buf[at] = b'/';
+        let m = (w.lens[i] & 255) as usize;
+        // SAFETY: checked kernel read of at most 255 bytes into
+        // buf[at + 1..at + 256], inside the buffer.
+        let r = unsafe {
+            generated::bpf_probe_read_kernel(
+                buf.wrapping_add(at + 1).cast(),
+                m as u32,
+                w.names[i] as *const _,
+            )
+        };
+        if r != 0 {
+            return None;
+        }
+        len = at + 1 + m;
+        j += 1;
+    }
+    // SAFETY: our own map value.
+    unsafe { core::ptr::write_volatile(&mut w.len, len as u32) };
+    let len = unsafe { core::ptr::read_volatile(&w.len) } as usize & 4095;
+    if len == 0 {
+        return None;
+    }
+    Some(len)
 }
 
 macro_rules! path_hook {

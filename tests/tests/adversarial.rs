@@ -95,10 +95,44 @@ fn seccomp_refuses(run: &Run, syscall: &str) -> bool {
         })
 }
 
-/// A file refusal: EACCES from Landlock on the fallback; BPF-LSM hooks
-/// answer EACCES or EPERM (the policy's deny action).
+/// A file refusal: EACCES from Landlock on the fallback, EPERM from the
+/// BPF-LSM hooks.
 fn refused(fallback: bool, line: &str) -> bool {
-    line == EACCES || (!fallback && line == EPERM)
+    if fallback {
+        line == EACCES
+    } else {
+        line == EPERM
+    }
+}
+
+/// On Linux 6.1 BPF-LSM's path mutation hooks cannot load: Landlock keeps
+/// the mutation rights (docs/backend-lsm.md), and says so in the started
+/// event's Landlock warnings.
+fn mutations_by_landlock(run: &Run) -> bool {
+    let by_landlock = started(&run.events)["confinement"]["landlock"]["warnings"]
+        .as_array()
+        .is_some_and(|w| {
+            w.iter()
+                .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
+        });
+    // Only Linux 6.1 may leave them to Landlock: a hook that stops loading
+    // elsewhere is a failure, not a second expectation.
+    if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
+        assert!(
+            !by_landlock,
+            "path hooks not in force on this kernel: {run:?}"
+        );
+    }
+    by_landlock
+}
+
+/// File refusals reported for `path` (any op).
+fn file_denials<'a>(run: &'a Run, path: &str) -> Vec<&'a Value> {
+    run.events_where(&[
+        ("kind", json!("file")),
+        ("decision", json!("deny")),
+        ("path", json!(path)),
+    ])
 }
 
 fn tcp_listener() -> (TcpListener, u16) {
@@ -144,10 +178,15 @@ impl Files {
         }
     }
 
+    /// The writable tree is readable too (on BPF-LSM `write` does not
+    /// imply `read`; Landlock's rules on the fallback read what they write).
     fn policy(&self, server: &str) -> String {
         policy(
             server,
-            &[format!("{}/**", self.ro_tree)],
+            &[
+                format!("{}/**", self.ro_tree),
+                format!("{}/**", self.rw_tree),
+            ],
             &[format!("{}/**", self.rw_tree)],
             &[],
         )
@@ -192,10 +231,15 @@ fn io_uring_with_and_without_sqpoll() {
         assert_eq!(run.lines(), vec![EPERM; 6], "{run:?}");
         assert!(net_denials(&run, denied).is_empty(), "{run:?}");
     } else {
-        let l = run.lines();
-        assert_eq!(l[0], "ok", "{run:?}");
-        assert!(refused(false, &l[1]) && refused(false, &l[2]), "{run:?}");
-        assert_eq!(l[3..], ["ok", EPERM, EPERM], "{run:?}");
+        assert_eq!(
+            run.lines(),
+            vec!["ok", EPERM, EPERM, "ok", EPERM, EPERM],
+            "{run:?}"
+        );
+        // file_open judged both (inline and on the SQPOLL thread).
+        let d = file_denials(&run, &f.secret);
+        assert_eq!(d.len(), 2, "{:#?}", run.events);
+        assert!(d.iter().all(|e| e["op"] == "open" && e["errno"] == 1));
         assert_eq!(net_denials(&run, denied).len(), 2, "{:#?}", run.events);
     }
 }
@@ -228,13 +272,15 @@ fn symlinks_and_hardlinks_to_denied_files() {
     );
     let l = run.lines();
     let fb = is_fallback(&run);
+    // Linux 6.1's BPF-LSM leaves links to Landlock (path_link cannot load).
+    let link_by_landlock = fb || mutations_by_landlock(&run);
     assert!(refused(fb, &l[0]), "{run:?}");
     assert_eq!(l[1], "ok", "symlink creation in the writable tree: {run:?}");
     assert!(refused(fb, &l[2]), "open through the symlink: {run:?}");
-    if fb {
+    if link_by_landlock {
         assert_eq!(l[3], EXDEV, "{run:?}");
     } else {
-        assert!(l[3] == EACCES || l[3] == EPERM, "{run:?}");
+        assert_eq!(l[3], EPERM, "{run:?}");
     }
     assert_eq!(l[4], "errno=2", "the link was not made: {run:?}");
     assert!(!Path::new(&hl).exists());
@@ -242,13 +288,8 @@ fn symlinks_and_hardlinks_to_denied_files() {
     // The refusals are reported: the fallback audits them at sys_exit with
     // the path the process passed; BPF-LSM reports the opened file's path
     // (the symlink's target).
-    let file_denials = run.events_where(&[("kind", json!("file")), ("decision", json!("deny"))]);
-    let named = |p: &String| {
-        file_denials
-            .iter()
-            .filter(|e| e["path"] == json!(p))
-            .count()
-    };
+    let denials = run.events_where(&[("kind", json!("file")), ("decision", json!("deny"))]);
+    let named = |p: &String| denials.iter().filter(|e| e["path"] == json!(p)).count();
     if fb {
         assert!(
             named(&f.secret) >= 1 && named(&sl) >= 1,
@@ -256,8 +297,24 @@ fn symlinks_and_hardlinks_to_denied_files() {
             run.events
         );
     } else {
-        assert!(named(&f.secret) >= 2, "{:#?}", run.events);
+        // The direct open and the open through the symlink (bpf_d_path
+        // names the target); path_link names the file lacking the rights.
+        let opens = file_denials(&run, &f.secret)
+            .iter()
+            .filter(|e| e["op"] == "open")
+            .count();
+        assert_eq!(opens, 2, "{:#?}", run.events);
+        let links = run.events_where(&[("op", json!("link")), ("decision", json!("deny"))]);
+        assert_eq!(links.len(), 1, "{:#?}", run.events);
+        if !link_by_landlock {
+            assert_eq!(links[0]["path"], json!(f.secret), "{links:#?}");
+            assert_eq!(links[0]["errno"], 1, "{links:#?}");
+        }
     }
+    assert_eq!(
+        std::fs::read_to_string(&f.secret).expect("secret"),
+        "s3cret"
+    );
 }
 
 /// Descriptors cannot widen rights: re-opening through /proc/self/fd is a
@@ -285,6 +342,15 @@ fn fd_passing_and_proc_self_fd_reopens() {
     assert!(l[1..].iter().all(|x| refused(fb, x)), "{run:?}");
     assert_eq!(l.len(), 6, "{run:?}");
     assert_eq!(std::fs::read_to_string(&f.readable).expect("read"), "data");
+    if !fb {
+        // Every re-open is a new file_open, judged on the file's path.
+        let w = file_denials(&run, &f.readable);
+        assert_eq!(w.len(), 3, "{:#?}", run.events);
+        assert!(w.iter().all(|e| e["access"] == "write"), "{w:#?}");
+        let r = file_denials(&run, &f.secret);
+        assert_eq!(r.len(), 2, "{:#?}", run.events);
+        assert!(r.iter().all(|e| e["access"] == "read"), "{r:#?}");
+    }
 }
 
 /// An IPv4-mapped IPv6 address is judged as the IPv4 address it maps.
@@ -365,9 +431,15 @@ fn double_fork_and_setsid() {
     let (_l, port) = tcp_listener();
     let out = TempDir::new("adv-daemon-out");
     let file = out.path().join("gc.txt");
+    let tree = format!("{}/**", out.path().display());
     let sc = Scenario::new(
         "adv-daemon",
-        &policy("adv", &[], &[format!("{}/**", out.path().display())], &[]),
+        &policy(
+            "adv",
+            std::slice::from_ref(&tree),
+            std::slice::from_ref(&tree),
+            &[],
+        ),
     );
     let target = format!("127.0.0.1:{port}");
     let run = probe(
@@ -422,9 +494,21 @@ fn memfd_exec() {
             "the fallback's memfd exec gap must be documented"
         );
     } else {
-        let l = &run.lines()[0];
-        assert!(l == "ok" || l == EACCES || l == EPERM, "{run:?}");
-        assert!(!execs.is_empty(), "the memfd exec is reported: {run:?}");
+        // The memfd's path (`/memfd:NAME (deleted)`) is in no rule: the
+        // exec's open of it is refused and reported.
+        assert_eq!(run.lines(), vec![EPERM], "{run:?}");
+        let refusals: Vec<&Value> = run
+            .events
+            .iter()
+            .filter(|e| {
+                e["decision"] == "deny"
+                    && e["errno"] == 1
+                    && e["path"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with("/memfd:mw-probe-memfd"))
+            })
+            .collect();
+        assert_eq!(refusals.len(), 1, "{:#?}", run.events);
     }
 }
 
@@ -542,20 +626,36 @@ fn pid_reuse_does_not_carry_attribution_across_instances() {
     assert_no_leftover_cgroups(run_b.warden_pid);
 }
 
-/// A flood of allowed events (10 000 short-lived processes, each an exit
-/// event) with one denied connect in the middle: the denial is delivered,
-/// and every exit event is either delivered or counted as lost, exactly.
+/// Processes in the fork flood: 10 000 on a real CPU; 1 000 in the VM lane
+/// (`MCP_WARDEN_VM_KERNEL` set), whose emulated CPU forks about a hundred
+/// times slower. The assertions are the same.
+fn flood_size() -> u32 {
+    if std::env::var_os("MCP_WARDEN_VM_KERNEL").is_some() {
+        1_000
+    } else {
+        10_000
+    }
+}
+
+/// A flood of allowed events ([`flood_size`] short-lived processes, each an
+/// exit event) with one denied connect in the middle: the denial is
+/// delivered, and every exit event is either delivered or counted as lost,
+/// exactly.
 #[test]
 fn flood_of_allowed_events_with_one_denied() {
-    const N: u32 = 10_000;
+    let n_procs = flood_size();
     let (_l, port) = tcp_listener();
     let sc = Scenario::new("adv-flood", &policy("adv", &[], &[], &[]));
-    let n = N.to_string();
+    let n = n_procs.to_string();
     let run = probe(
         &sc,
         &[&["flood", &n, "tcp-connect", &format!("127.0.0.1:{port}")]],
     );
-    assert_eq!(run.lines(), vec![format!("{EPERM} forks={N}")], "{run:?}");
+    assert_eq!(
+        run.lines(),
+        vec![format!("{EPERM} forks={n_procs}")],
+        "{run:?}"
+    );
     let d = net_denials(&run, port);
     assert_eq!(d.len(), 1, "the denial must be delivered: {:#?}", d);
     let exits = run
@@ -574,7 +674,7 @@ fn flood_of_allowed_events_with_one_denied() {
     // N children plus the probe itself.
     assert_eq!(
         exits + lost,
-        u64::from(N) + 1,
+        u64::from(n_procs) + 1,
         "delivered {exits} + lost {lost}"
     );
 }

@@ -102,12 +102,21 @@ fn probe(tag: &str, policy: &str, ops: &[&[&str]]) -> Option<Run> {
 /// refused there): Landlock keeps those rights, refuses with EACCES and the
 /// syscall audit reports it. Elsewhere the LSM hook refuses with EPERM.
 fn mutations_by_landlock(run: &Run) -> bool {
-    started(run)["confinement"]["landlock"]["warnings"]
+    let by_landlock = started(run)["confinement"]["landlock"]["warnings"]
         .as_array()
         .is_some_and(|w| {
             w.iter()
                 .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
-        })
+        });
+    // Only Linux 6.1 may leave them to Landlock: a hook that stops loading
+    // elsewhere is a failure, not a second expectation.
+    if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
+        assert!(
+            !by_landlock,
+            "path hooks not in force on this kernel: {run:?}"
+        );
+    }
+    by_landlock
 }
 
 fn deny_events<'a>(run: &'a Run, kind: &str, op: &str, path: &str) -> Vec<&'a Value> {
@@ -294,6 +303,78 @@ fn mutations() {
     assert_deny(&run, "file", "symlink", &format!("{r}/srv/l"));
 }
 
+/// A hard link may give its file no right the file's own name lacks: the
+/// new name must be writable, and the existing name must hold every right
+/// (read, write, exec) the new one would (path_link builds the existing
+/// name by walking its dentry's parents). On Linux 6.1 path_link cannot
+/// load and Landlock's `refer` rule answers (EXDEV, EACCES for an unwritable
+/// new name). The disk shows which links were made.
+#[test]
+fn hard_links_give_no_new_rights() {
+    let t = tree("lsm-link");
+    let r = &t.root;
+    let out = format!("{r}/srv/out");
+    let Some(run) = probe(
+        "lsm-link",
+        &policy(
+            &[format!("{r}/srv/**")],
+            &[format!("{out}/**")],
+            &[format!("{r}/srv/secrets/**")],
+            &[],
+            "",
+        ),
+        &[
+            // denied file, unlisted file, read-only file -> read+write name
+            &[
+                "hardlink",
+                &format!("{r}/srv/secrets/k"),
+                &format!("{out}/k"),
+            ],
+            &["hardlink", &format!("{r}/other/o"), &format!("{out}/o")],
+            &["hardlink", &format!("{r}/srv/a"), &format!("{out}/a")],
+            // same rights both sides
+            &["hardlink", &format!("{out}/x"), &format!("{out}/x2")],
+            // the new name is not writable
+            &["hardlink", &format!("{out}/x"), &format!("{r}/srv/x3")],
+            &["read", &format!("{out}/k")],
+        ],
+    ) else {
+        return;
+    };
+    let l = run.lines();
+    if mutations_by_landlock(&run) {
+        assert_eq!(
+            l,
+            vec!["errno=18", "errno=18", "errno=18", "ok", EACCES, "errno=2"],
+            "{run:?}"
+        );
+    } else {
+        assert_eq!(
+            l,
+            vec![EPERM, EPERM, EPERM, "ok", EPERM, "errno=2"],
+            "{run:?}"
+        );
+        // Each refusal names the path that lacked the right.
+        for p in [
+            format!("{r}/srv/secrets/k"),
+            format!("{r}/other/o"),
+            format!("{r}/srv/a"),
+            format!("{r}/srv/x3"),
+        ] {
+            let e = assert_deny(&run, "file", "link", &p);
+            assert_eq!(e["errno"], 1);
+        }
+    }
+    for (name, made) in [("k", false), ("o", false), ("a", false), ("x2", true)] {
+        assert_eq!(Path::new(&format!("{out}/{name}")).exists(), made, "{name}");
+    }
+    assert!(!Path::new(&format!("{r}/srv/x3")).exists());
+    assert_eq!(
+        std::fs::read_to_string(format!("{r}/srv/secrets/k")).expect("secret"),
+        "data\n"
+    );
+}
+
 #[test]
 fn exec_allow() {
     let Some(run) = probe(
@@ -395,6 +476,123 @@ fn other_processes_environ() {
         e["decision"] == "deny" && (e["op"] == "ptrace" || e["path"] == json!("/proc/1/environ"))
     });
     assert!(refused, "{:#?}", run.events);
+}
+
+/// The cgroup2 mount point, from mountinfo.
+fn cgroup2_mount() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))
+                .flatten()
+        })
+        .expect("cgroup2 mount")
+}
+
+/// ptrace_access_check is ours: a case Landlock and Yama allow. The
+/// server's own child is in the server's Landlock domain and is its
+/// descendant (Yama's default scope), so before the move reading its
+/// /proc/PID/environ (PTRACE_MODE_READ) and opening its /proc/PID/mem
+/// (PTRACE_MODE_ATTACH) succeed. Then the test (root, outside) moves the
+/// child into another cgroup: it is no longer in the instance, and only the
+/// BPF-LSM hook refuses, writing the `ptrace` events no other layer writes
+/// (/proc answers EACCES for any LSM's refusal: mm_access). (ptrace(2) itself is refused
+/// by seccomp on both backends.) The fallback has no such hook: Landlock
+/// scopes ptrace by its domain, which the moved child still shares
+/// (docs/backends-fallback.md).
+#[test]
+fn ptrace_of_a_process_moved_out_of_the_instance() {
+    use std::io::{BufRead, BufReader, Write};
+    let sc = Scenario::new("lsm-ptrace-moved", &policy(&[], &[], &[], &[], ""));
+    let ops: &[&[&str]] = &[
+        &["spawn-child"],
+        &["child-environ"],
+        &["child-mem"],
+        &["wait-stdin"],
+        &["child-environ"],
+        &["child-mem"],
+    ];
+    let mut args = vec![PROBE];
+    for (i, op) in ops.iter().enumerate() {
+        if i > 0 {
+            args.push(";");
+        }
+        args.extend_from_slice(op);
+    }
+    let mut child = sc
+        .command(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn mcp-warden");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let mut l = String::new();
+        out.read_line(&mut l).expect("probe line");
+        lines.push(l.trim().to_string());
+    }
+    let pid: i32 = lines[0]
+        .strip_prefix("pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no child pid: {lines:?}"));
+    // Move the child out of the instance, into a cgroup of the test's.
+    let other = cgroup2_mount().join(format!("mw-e2e-ptrace-{}", std::process::id()));
+    std::fs::create_dir_all(&other).expect("mkdir cgroup");
+    std::fs::write(other.join("cgroup.procs"), pid.to_string()).expect("move the child");
+    let mut sin = child.stdin.take().expect("stdin");
+    sin.write_all(b"go\n").expect("write stdin");
+    for _ in 0..3 {
+        let mut l = String::new();
+        out.read_line(&mut l).expect("probe line");
+        lines.push(l.trim().to_string());
+    }
+    // SAFETY: kill the test's own moved child by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    drop(sin);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut out, &mut rest).expect("read rest");
+    let warden_pid = child.id();
+    let mut output = child.wait_with_output().expect("wait mcp-warden");
+    output.stdout = rest;
+    let run = sc.collect(warden_pid, output);
+    for _ in 0..100 {
+        if std::fs::remove_dir(&other).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !other.exists(),
+        "test cgroup {} left behind",
+        other.display()
+    );
+    assert_eq!(run.status, 0, "{run:?}");
+    assert_no_leftover_cgroups(run.warden_pid);
+    assert_eq!(lines[1..3], ["ok", "ok"], "same instance: allowed {run:?}");
+    assert_eq!(lines[3], "ok", "{run:?}");
+    let ptrace_denials = |pid: i32| {
+        run.events_where(&[
+            ("op", json!("ptrace")),
+            ("decision", json!("deny")),
+            ("target_pid", json!(pid)),
+        ])
+        .len()
+    };
+    if started(&run)["backend"] != "bpf-lsm" {
+        assert_eq!(
+            lines[4..],
+            ["ok", "ok"],
+            "fallback: Landlock's domain {run:?}"
+        );
+        assert_eq!(ptrace_denials(pid), 0, "{:#?}", run.events);
+        return;
+    }
+    assert_eq!(lines[4..], [EACCES, EACCES], "{run:?}");
+    assert_eq!(ptrace_denials(pid), 2, "{:#?}", run.events);
 }
 
 /// Per tool, through the relay and the official MCP Python SDK: a tool's

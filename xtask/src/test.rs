@@ -145,56 +145,80 @@ fn clippy_ebpf(root: &Path) -> Result<()> {
         .check()
 }
 
-/// Run every test binary of the e2e package inside the VM, in one boot.
+/// Run every kernel-dependent test binary of the e2e package inside the
+/// VM, one boot per suite (a boot costs seconds; each suite gets the VM's
+/// whole time limit, and a guest that hangs costs one suite). Every suite
+/// runs even when one fails; each prints its duration.
 fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
     let binaries = e2e_test_binaries(root)?;
     if binaries.is_empty() {
         bail!("no test binary found in {E2E_PACKAGE}");
     }
-    // One boot for all binaries; every binary runs even when one fails.
-    // Arguments come in pairs: binary, test-name filter ("" for all).
-    let script = "rc=0; while [ $# -ge 2 ]; do t=$1; f=$2; shift 2; echo \"== $t $f\"; \
-                  \"$t\" --test-threads=1 $f || rc=1; done; exit $rc";
-    let status = Cmd::new(std::env::current_exe()?)
-        .args([
-            "vm",
-            "--kernel",
+    let mut failed = Vec::new();
+    for (bin, filter) in &binaries {
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let start = Instant::now();
+        let mut cmd = Cmd::new(std::env::current_exe()?)
+            .args(["vm", "--kernel", kernel.name(), "--"])
+            .arg(bin)
+            .arg("--test-threads=1");
+        if let Some(f) = filter {
+            cmd = cmd.arg(f);
+        }
+        for (suite, test) in VM_SKIP {
+            if name.starts_with(&format!("{suite}-")) {
+                cmd = cmd.args(["--skip", test]);
+            }
+        }
+        let status = cmd.current_dir(root).status()?;
+        println!(
+            "==== VM Linux {}: {name}: {} ({:.1} s)",
             kernel.name(),
-            "--",
-            "sh",
-            "-c",
-            script,
-            "sh",
-        ])
-        .args(
-            binaries
-                .iter()
-                .flat_map(|(exe, filter)| [exe.as_os_str(), filter.unwrap_or("").as_ref()]),
-        )
-        .current_dir(root)
-        .status()?;
-    if status != 0 {
-        bail!("the e2e suite in the VM exited with {status}");
+            if status == 0 { "ok" } else { "FAILED" },
+            start.elapsed().as_secs_f64()
+        );
+        if status != 0 {
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("suites failed in the VM: {}", failed.join(", "));
     }
     Ok(())
 }
 
 /// The suites whose outcome depends on the kernel's backend; the VM lane
 /// runs these (the relay-only suites would only repeat the host's run, at
-/// emulation speed). The adversarial suite is not among them yet: its
-/// floods (10k processes) take too long under TCG emulation for CI's budget.
+/// emulation speed). The adversarial suite's fork flood shrinks from 10 000
+/// to 1 000 processes in the VM (it reads `MCP_WARDEN_VM_KERNEL`), with the
+/// same assertions: TCG forks about a hundred times slower.
 /// A filter runs only the suite's tests whose names contain it: learn's
-/// npm and multi-session tests take most of the lane's 20 minutes under
-/// TCG, so the VM runs its DNS test (the cgroup_skb answer copy on the VM
+/// npm and multi-session tests take most of a boot's 20 minutes under TCG,
+/// so the VM runs its DNS test (the cgroup_skb answer copy on the VM
 /// kernels, audit mode on BPF-LSM); all of learn passed there by hand
 /// (docs/backend-lsm.md).
-const VM_SUITES: [(&str, Option<&str>); 5] = [
+const VM_SUITES: [(&str, Option<&str>); 6] = [
     ("net", None),
     ("unix", None),
     ("per_tool", None),
     ("files_lsm", None),
+    ("adversarial", None),
     ("learn", Some("dns_names")),
 ];
+
+/// Tests left out of the VM lane (suite, test name), each with its reason;
+/// they still run on the host.
+/// - agent_killed_mid_flood: in the VM (6.1 and 6.12) it did not finish
+///   within the guest's 1200 s, seen twice on a loaded host; not yet
+///   understood (it passed in an earlier VM run). Its subject (the guardian
+///   ending the tree through cgroup.kill) does not depend on BPF-LSM.
+const VM_SKIP: [(&str, &str); 1] = [(
+    "adversarial",
+    "agent_killed_mid_flood_leaves_nothing_unconfined",
+)];
 
 /// The kernel-dependent e2e test executables, built by `cargo test --no-run`.
 fn e2e_test_binaries(root: &Path) -> Result<Vec<(PathBuf, Option<&'static str>)>> {

@@ -393,6 +393,40 @@ fn daemon_and_flood(file: &str, addr: &str, flood_addr: SocketAddr) -> String {
     }
 }
 
+/// The child started by `spawn-child` (0: none).
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Fork a child that waits to be killed; "pid=N".
+fn spawn_child() -> String {
+    // SAFETY: the child only pauses until killed.
+    match unsafe { libc::fork() } {
+        -1 => format!("errno={}", errno()),
+        0 => loop {
+            // SAFETY: plain syscall.
+            unsafe { libc::pause() };
+        },
+        pid => {
+            CHILD.store(pid, std::sync::atomic::Ordering::Relaxed);
+            format!("pid={pid}")
+        }
+    }
+}
+
+/// Read the child's /proc/PID/environ (a PTRACE_MODE_READ check).
+fn child_environ() -> Result<(), i32> {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(drop)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// Open the child's /proc/PID/mem (a PTRACE_MODE_ATTACH check; ptrace(2)
+/// itself is refused by the launcher's seccomp filter on both backends).
+fn child_mem() -> Result<(), i32> {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    open(&format!("/proc/{pid}/mem"), libc::O_RDONLY).map(drop)
+}
+
 /// The adversarial ops; `None` when `args[0]` is not one of them.
 pub fn run(args: &[String]) -> Option<String> {
     let a = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -413,6 +447,9 @@ pub fn run(args: &[String]) -> Option<String> {
             Err(_) => Err(libc::EINVAL),
         },
         "memfd-exec" => memfd_exec(),
+        "spawn-child" => return Some(spawn_child()),
+        "child-environ" => child_environ(),
+        "child-mem" => child_mem(),
         "fork-pid" => return Some(fork_with_pid(&rest(1))),
         "pid-reuse" => return Some(pid_reuse(a(1).parse().unwrap_or(-1), &rest(2))),
         "flood" => return Some(flood(a(1).parse().unwrap_or(0), &rest(2))),
