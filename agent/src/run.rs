@@ -145,7 +145,7 @@ pub fn standalone_sinks(events: Option<&PathBuf>) -> Result<Sinks, RunError> {
         })?;
         sinks.push(Box::new(f));
     }
-    sinks.push(Box::new(StderrDenials));
+    sinks.push(Box::new(StderrDenials::new()));
     Ok(sinks)
 }
 

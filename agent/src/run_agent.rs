@@ -311,7 +311,7 @@ async fn follow_events(
     file: Option<PathBuf>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(StderrDenials)];
+    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(StderrDenials::new())];
     if let Some(p) = &file {
         match JsonLinesFile::open(p) {
             Ok(f) => sinks.push(Box::new(f)),
