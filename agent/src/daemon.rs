@@ -30,7 +30,7 @@ use crate::{
     },
     events::{
         sink::{EventSink, JsonLinesFile},
-        InstanceInfo, Sinks,
+        Sinks,
     },
     host::{Host, HostError, HostOptions, Registered},
     policy::{self, model::Governance, Policy, Vars},
@@ -59,6 +59,15 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("the agent must run as root")]
     NotRoot,
+    #[error("{0}")]
+    Cgroup(#[from] crate::confine::cgroup::CgroupError),
+    #[error(
+        "creating the cgroup parent {0}: {1} (the cgroup2 root is 0555: the agent needs \
+         CAP_DAC_OVERRIDE at start, see the systemd unit)"
+    )]
+    CgroupParent(PathBuf, std::io::Error),
+    #[error("dropping CAP_DAC_OVERRIDE after the start: {0}")]
+    DropCaps(std::io::Error),
 }
 
 /// How long a registered instance may wait for its server to be placed
@@ -73,6 +82,12 @@ pub fn main(config: Option<PathBuf>) -> i32 {
             return 2;
         }
     };
+    // Before any thread exists: capabilities are per thread, and every
+    // thread started later inherits the reduced sets.
+    if let Err(e) = prepare(&cfg) {
+        eprintln!("mcp-warden agent: {e}");
+        return 1;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -91,6 +106,21 @@ pub fn main(config: Option<PathBuf>) -> i32 {
             1
         }
     }
+}
+
+/// What needs CAP_DAC_OVERRIDE, done first: the cgroup parent, in the
+/// cgroup2 root, which the kernel makes mode 0555 even for root. Then the
+/// agent gives that capability up (effective and permitted): nothing else
+/// it opens needs it, and without it a mistake cannot write past a file's
+/// mode (packaging/systemd/mcp-warden.service keeps it for this alone).
+fn prepare(cfg: &Config) -> Result<(), DaemonError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(DaemonError::NotRoot);
+    }
+    let parent = crate::confine::cgroup::cgroup2_mount()?.join(&cfg.cgroup_parent);
+    std::fs::create_dir_all(&parent).map_err(|e| DaemonError::CgroupParent(parent, e))?;
+    use crate::confine::caps;
+    caps::drop_own(&[caps::CAP_DAC_OVERRIDE]).map_err(DaemonError::DropCaps)
 }
 
 /// What the agent remembers of an instance across its own restarts
@@ -421,27 +451,6 @@ pub fn check_agent_reachable(policy: &Policy, socket: &Path) -> Result<(), Strin
     Ok(())
 }
 
-fn instance_info(policy: &Policy, uid: u32) -> InstanceInfo {
-    let user = nix::unistd::User::from_uid(uid.into())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| uid.to_string());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    InstanceInfo {
-        server: policy.server.clone(),
-        instance: String::new(),
-        policy_source: policy.source.clone(),
-        backend: String::new(),
-        uid,
-        user,
-        host,
-    }
-}
-
 /// Parse `text` for `uid`, naming it `label` in diagnostics.
 fn parse_for(text: &str, label: &str, uid: u32) -> Result<Policy, String> {
     let vars = Vars::for_uid(uid).map_err(|e| e.to_string())?;
@@ -625,7 +634,7 @@ impl Agent {
             };
             policy.source = rec.policy_source.clone();
             let policy = Arc::new(policy);
-            let info = instance_info(&policy, rec.owner_uid);
+            let info = crate::run::instance_info_for(&policy, rec.owner_uid);
             match self
                 .host
                 .adopt_instance(&rec.cgroup, rec.instance_id, policy, info)
@@ -741,7 +750,7 @@ impl Agent {
             Err(e) => return control::err(e),
         };
         let policy = Arc::new(policy);
-        let info = instance_info(&policy, peer.uid);
+        let info = crate::run::instance_info_for(&policy, peer.uid);
         let reg = match self.host.register(policy.clone(), info).await {
             Ok(r) => r,
             Err(e) => return control::err(crate::run::error_chain(&e)),

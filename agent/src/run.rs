@@ -96,9 +96,14 @@ pub fn main(args: RunArgs) -> i32 {
     code
 }
 
-/// Identity fields every event carries.
+/// Identity fields every event carries, for a server run by this process's
+/// user.
 pub fn instance_info(policy: &Policy) -> InstanceInfo {
-    let uid = nix::unistd::getuid().as_raw();
+    instance_info_for(policy, nix::unistd::getuid().as_raw())
+}
+
+/// Identity fields every event carries, for a server run by `uid`.
+pub fn instance_info_for(policy: &Policy, uid: u32) -> InstanceInfo {
     let user = nix::unistd::User::from_uid(uid.into())
         .ok()
         .flatten()

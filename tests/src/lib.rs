@@ -200,19 +200,22 @@ pub fn read_events(p: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// No instance cgroup of the `mcp-warden run` process `warden_pid` is left.
-pub fn assert_no_leftover_cgroups(warden_pid: u32) {
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let mount = info
-        .lines()
+    info.lines()
         .find_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
             (post.split_whitespace().next() == Some("cgroup2"))
                 .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
                 .flatten()
         })
-        .expect("cgroup2 mount");
-    let parent = mount.join("mcp-warden");
+        .expect("cgroup2 mount")
+}
+
+/// No instance cgroup of the `mcp-warden run` process `warden_pid` is left.
+pub fn assert_no_leftover_cgroups(warden_pid: u32) {
+    let parent = cgroup2_mount().join("mcp-warden");
     if let Ok(rd) = std::fs::read_dir(&parent) {
         let left: Vec<String> = rd
             .filter_map(|e| e.ok())

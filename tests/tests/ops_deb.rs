@@ -5,39 +5,13 @@
 //! by systemd-analyze against the installed binary.
 mod ops_util;
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use mcp_warden_tests::TempDir;
+use ops_util::{
+    deb::{build_deb, ScratchRoot},
+    packaging, require_tool, run_ok,
 };
-
-use mcp_warden_tests::{target_dir, TempDir};
-use ops_util::{packaging, repo_root, require_tool, run_ok};
-
-const CARGO_DEB: &str = "cargo install cargo-deb --locked --version 3.8.0";
-
-/// Build the package once (the release build takes minutes the first time;
-/// later runs reuse target/release).
-fn build_deb() -> PathBuf {
-    require_tool("cargo-deb", CARGO_DEB);
-    require_tool("dpkg-deb", "apt-get install dpkg");
-    let out_dir = target_dir()
-        .parent()
-        .expect("target/ above the profile dir")
-        .join("ops-deb");
-    std::fs::create_dir_all(&out_dir).expect("mkdir target/ops-deb");
-    let deb = out_dir.join("mcp-warden.deb");
-    let _ = std::fs::remove_file(&deb);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run_ok(
-        Command::new(cargo)
-            .args(["deb", "-p", "mcp-warden", "--strip", "--output"])
-            .arg(&deb)
-            .current_dir(repo_root()),
-    );
-    assert!(deb.exists(), "cargo deb wrote no {}", deb.display());
-    deb
-}
 
 fn stdout(cmd: &mut Command) -> String {
     String::from_utf8(run_ok(cmd).stdout).expect("utf-8 output")
@@ -55,7 +29,7 @@ fn package_files(deb: &Path) -> BTreeSet<String> {
 
 #[test]
 fn the_package_installs_and_runs() {
-    let deb = build_deb();
+    let deb = build_deb("mcp-warden");
 
     // Every file we ship, where the unit, docs and README say it is.
     let files = package_files(&deb);
@@ -117,37 +91,14 @@ fn the_package_installs_and_runs() {
     // Install into a scratch root with dpkg, maintainer scripts included:
     // they run chrooted there, with busybox as /bin/sh (no systemd in it,
     // so they enable nothing on this host).
-    mcp_warden_tests::require_root();
-    let busybox = require_tool("busybox", "apt-get install busybox-static");
-    let root = TempDir::new("deb-root");
-    let dpkg_db = root.path().join("var/lib/dpkg");
-    for d in ["info", "updates"] {
-        std::fs::create_dir_all(dpkg_db.join(d)).expect("mkdir dpkg db");
-    }
-    for f in ["status", "available"] {
-        std::fs::write(dpkg_db.join(f), "").expect("dpkg db file");
-    }
-    std::fs::create_dir_all(root.path().join("bin")).expect("mkdir bin");
-    std::fs::copy(&busybox, root.path().join("bin/sh")).expect("busybox as sh");
-    let dpkg = |args: &[&str]| {
-        let mut c = Command::new(require_tool("dpkg", "apt-get install dpkg"));
-        c.arg(format!("--root={}", root.path().display()))
-            .args(args);
-        run_ok(&mut c)
-    };
-    // libc6 is not in the scratch root's database: that dependency only.
-    dpkg(&["--force-depends", "-i", deb.to_str().expect("utf-8 path")]);
-    let status = stdout(
-        Command::new("dpkg-query")
-            .arg(format!("--root={}", root.path().display()))
-            .args(["-W", "-f=${Status}", "mcp-warden"]),
-    );
+    let root = ScratchRoot::install("deb-root", &deb);
+    let status = root.query("${Status}");
     assert_eq!(status, "install ok installed");
     for f in &expected {
         let p = root.path().join(f.trim_start_matches('/'));
         assert!(p.is_file(), "{} not installed", p.display());
     }
-    let r = |rel: &str| root.path().join(rel.trim_start_matches('/'));
+    let r = |abs: &str| root.file(abs);
     assert_eq!(
         std::fs::read(r("/usr/share/mcp-warden/alerts.yml")).expect("alerts"),
         std::fs::read(packaging("prometheus/alerts.yml")).expect("alerts"),
@@ -215,7 +166,7 @@ fn the_package_installs_and_runs() {
     let mut edited = std::fs::read_to_string(&agent_toml).expect("read agent.toml");
     edited.push_str("# edited by the admin\n");
     std::fs::write(&agent_toml, &edited).expect("edit agent.toml");
-    dpkg(&["-r", "mcp-warden"]);
+    root.dpkg(&["-r", "mcp-warden"]);
     assert!(!bin.exists(), "binary removed");
     assert!(!r(&unit).exists(), "unit removed");
     assert_eq!(
@@ -223,7 +174,7 @@ fn the_package_installs_and_runs() {
         edited,
         "remove keeps the edited conffile"
     );
-    dpkg(&["-P", "mcp-warden"]);
+    root.dpkg(&["-P", "mcp-warden"]);
     for f in expected.iter().filter(|f| f.starts_with("/etc/")) {
         assert!(!r(f).exists(), "{f} left after purge");
     }

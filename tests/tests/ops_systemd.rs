@@ -114,7 +114,7 @@ fn systemd_analyze_security_exposure_is_low() {
     let sa = require_tool("systemd-analyze", SYSTEMD_PKG);
     let dir = TempDir::new("unit-security");
     let unit = unit_for_test(&dir);
-    // 10 is a root service with no hardening; this unit is at 3.6. The
+    // 10 is a root service with no hardening; this unit is at 3.8. The
     // threshold leaves room for a needed change, not for dropping the lot.
     let out = Command::new(&sa)
         .args(["security", "--offline=yes", "--no-pager"])

@@ -70,7 +70,9 @@ pub fn run(with_vm: bool) -> Result<ExitCode> {
         });
     }
     step("e2e tests (host kernel)", &|| {
-        // The suites run the real `mcp-warden` binary: build it first.
+        // Every suite in tests/tests/ runs here, newuser.rs (the product
+        // from its installed .deb, issue #5) included; it builds the package
+        // itself. The suites run the real `mcp-warden` binary: build it first.
         cmd::cargo(&root)
             .args(["build", "-p", "mcp-warden", "-p", E2E_PACKAGE])
             .check()?;

@@ -118,3 +118,78 @@ impl CapDrop {
         Ok(())
     }
 }
+
+/// CAP_DAC_OVERRIDE (linux/capability.h).
+pub const CAP_DAC_OVERRIDE: u32 = 1;
+
+/// Remove `caps` from the calling thread's effective and permitted sets
+/// (the agent's own, at start, before it has other threads; threads made
+/// later inherit the result). The other capabilities are left as they are.
+pub fn drop_own(caps: &[u32]) -> io::Result<()> {
+    let mut hdr = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget writes two CapData into `data`, which is that large.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut hdr as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    for &cap in caps {
+        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+        if let Some(d) = data.get_mut(word) {
+            d.effective &= !bit;
+            d.permitted &= !bit;
+        }
+    }
+    // SAFETY: capset reads two CapData from `data`, alive for the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The effective and permitted sets of the calling thread.
+    fn own_sets() -> (u64, u64) {
+        let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let get = |k: &str| {
+            let v = s.lines().find_map(|l| l.strip_prefix(k)).unwrap();
+            u64::from_str_radix(v.trim(), 16).unwrap()
+        };
+        (get("CapEff:"), get("CapPrm:"))
+    }
+
+    #[test]
+    fn drop_own_removes_only_the_named_capabilities() {
+        // A thread of its own: capabilities are per thread, so the other
+        // tests keep theirs.
+        std::thread::spawn(|| {
+            let (eff, prm) = own_sets();
+            let dac = 1u64 << CAP_DAC_OVERRIDE;
+            drop_own(&[CAP_DAC_OVERRIDE]).unwrap();
+            let (eff2, prm2) = own_sets();
+            assert_eq!(eff2, eff & !dac, "effective {eff:x} -> {eff2:x}");
+            assert_eq!(prm2, prm & !dac, "permitted {prm:x} -> {prm2:x}");
+            // Dropping what is not held changes nothing.
+            drop_own(&[CAP_DAC_OVERRIDE]).unwrap();
+            assert_eq!(own_sets(), (eff2, prm2));
+        })
+        .join()
+        .unwrap();
+    }
+}

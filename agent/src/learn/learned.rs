@@ -471,11 +471,7 @@ mod tests {
     use crate::policy::{parse, Vars};
 
     fn vars() -> Vars {
-        Vars {
-            home: "/home/ann".into(),
-            user: "ann".into(),
-            uid: 1000,
-        }
+        Vars::ann()
     }
 
     fn obs() -> Observations {

@@ -63,11 +63,7 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        Vars {
-            home: "/home/ann".into(),
-            user: "ann".into(),
-            uid: 1000,
-        }
+        Vars::ann()
     }
 
     /// Every policy shipped in packaging/policies is valid and compiles.

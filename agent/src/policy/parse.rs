@@ -591,11 +591,7 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        Vars {
-            home: "/home/ann".into(),
-            user: "ann".into(),
-            uid: 1000,
-        }
+        Vars::ann()
     }
 
     /// "line:col: message" of every diagnostic.

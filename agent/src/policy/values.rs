@@ -395,11 +395,7 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        Vars {
-            home: "/home/ann".into(),
-            user: "ann".into(),
-            uid: 1000,
-        }
+        Vars::ann()
     }
 
     fn p(s: &str) -> Result<PathRule, ValueError> {

@@ -15,6 +15,18 @@ pub struct Vars {
     pub uid: u32,
 }
 
+#[cfg(test)]
+impl Vars {
+    /// The user the unit tests expand policies for.
+    pub(crate) fn ann() -> Self {
+        Self {
+            home: "/home/ann".into(),
+            user: "ann".into(),
+            uid: 1000,
+        }
+    }
+}
+
 /// Names a policy may use inside `${...}`.
 pub const KNOWN_VARS: [&str; 3] = ["HOME", "USER", "UID"];
 

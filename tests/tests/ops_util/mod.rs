@@ -2,6 +2,8 @@
 //! children that die with the test, the repository's packaging/ files.
 #![allow(dead_code)] // each suite uses a part
 
+pub mod deb;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
