@@ -249,7 +249,7 @@ pub enum ClientIn {
 }
 
 impl ClientIn {
-    pub fn new() -> Self {
+    pub fn open() -> Self {
         match Pipe::stdin() {
             Ok(p) => ClientIn::Pipe(p),
             Err(e) => {
@@ -280,7 +280,7 @@ pub enum ClientOut {
 }
 
 impl ClientOut {
-    pub fn new() -> Self {
+    pub fn open() -> Self {
         match Pipe::stdout() {
             Ok(p) => ClientOut::Pipe(p),
             Err(e) => {
@@ -373,10 +373,10 @@ pub fn spawn_stdio<H: RelayHooks>(
         let r = rt.block_on(async move {
             let server_in = Pipe::from_owned(fd_in).map_err(RelayThreadError::Start)?;
             let server_out = Pipe::from_owned(fd_out).map_err(RelayThreadError::Start)?;
-            let client_in = EofNotify::with_sender(ClientIn::new(), client_gone);
+            let client_in = EofNotify::with_sender(ClientIn::open(), client_gone);
             Ok(super::relay(
                 client_in,
-                ClientOut::new(),
+                ClientOut::open(),
                 server_in,
                 server_out,
                 policy,

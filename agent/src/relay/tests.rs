@@ -948,7 +948,7 @@ async fn streamed_line_that_ends_as_a_denied_request_is_never_completed() {
     let mut p = (*policy(None)).clone();
     p.mcp.sampling = crate::policy::model::Governance::Deny;
     let hooks = Arc::new(Rec::default());
-    let mut r = rig(Arc::new(p), hooks.clone(), RelayOptions::default());
+    let r = rig(Arc::new(p), hooks.clone(), RelayOptions::default());
     // Reads as a response while it streams; its `method` comes last.
     let sneaky = format!(
         "{{\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{{\"x\":\"{}\"}},\"method\":\"sampling/createMessage\",\"params\":{{}}}}\n",
