@@ -50,9 +50,14 @@ enum Cmd {
         /// Only this server's events.
         #[arg(long)]
         server: Option<String>,
-        /// Audit log to read (without --follow).
+        /// Audit log to read (without --follow). Default: the `audit_log`
+        /// of the agent config (`--config`).
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
+        /// Agent config naming the audit log (without --follow).
+        /// Default: /etc/mcp-warden/agent.toml when it exists.
+        #[arg(long, value_name = "FILE", conflicts_with = "log")]
+        config: Option<PathBuf>,
     },
     /// Rewrite an MCP client's JSON config (Claude Desktop, VS Code,
     /// Cursor) so each local server runs through `mcp-warden run`.
@@ -173,7 +178,8 @@ pub fn main() -> ExitCode {
             follow,
             server,
             log,
-        } => crate::status::events_main(follow, server, log),
+            config,
+        } => crate::status::events_main(follow, server, log, config),
         Cmd::WrapConfig {
             file,
             dry_run,

@@ -482,8 +482,16 @@ impl Host {
             exec_always: Vec::new(),
         };
         self.install_rules(&mut reg, &policy, policy_id).await?;
+        let parent_dir = self.cgroup_parent()?;
+        let parent =
+            std::fs::File::open(&parent_dir).map_err(|source| cgroup::CgroupError::Io {
+                op: "open",
+                path: parent_dir.clone(),
+                source,
+            })?;
         let mut links = {
             let mut k = self.kernel.lock().map_err(|_| HostError::Poisoned)?;
+            k.set_instances_parent(&parent)?;
             k.attach_cgroup(reg.cgroup_dir()?)?
         };
         if let Some(root) = &self.pins {

@@ -132,9 +132,23 @@ fn matches(rec: &Value, server: Option<&str>) -> bool {
 }
 
 /// `mcp-warden events [--follow] [--server NAME] [--log FILE]`
-pub fn events_main(follow: bool, server: Option<String>, log: Option<PathBuf>) -> i32 {
+pub fn events_main(
+    follow: bool,
+    server: Option<String>,
+    log: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> i32 {
     if !follow {
-        let path = log.unwrap_or_else(|| PathBuf::from(crate::run::DEFAULT_AUDIT_LOG));
+        let path = match log {
+            Some(p) => p,
+            None => match audit_log_of(config.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("mcp-warden events: {e}");
+                    return 1;
+                }
+            },
+        };
         return print_log(&path, server.as_deref());
     }
     let Some(rt) = runtime() else { return 1 };
@@ -167,6 +181,22 @@ pub fn events_main(follow: bool, server: Option<String>, log: Option<PathBuf>) -
             1
         }
     }
+}
+
+/// The agent config `events` reads the audit log's path from when none is
+/// given.
+pub const DEFAULT_AGENT_CONFIG: &str = "/etc/mcp-warden/agent.toml";
+
+/// The audit log the agent writes: `audit_log` of `config`, else of the
+/// installed config when there is one, else the built-in default.
+fn audit_log_of(config: Option<&Path>) -> Result<PathBuf, crate::config::ConfigError> {
+    let installed = Path::new(DEFAULT_AGENT_CONFIG);
+    let path = match config {
+        Some(p) => Some(p),
+        None if installed.exists() => Some(installed),
+        None => None,
+    };
+    Ok(crate::config::Config::load(path)?.audit_log)
 }
 
 fn print_log(path: &Path, server: Option<&str>) -> i32 {
@@ -220,5 +250,24 @@ mod tests {
         assert!(s.contains("calls_in_flight=1"), "{s}");
         assert!(s.contains("net/deny=2"), "{s}");
         assert!(s.contains("events lost: net=0"), "{s}");
+    }
+
+    #[test]
+    fn events_reads_the_audit_log_the_agent_config_names() {
+        let dir = std::env::temp_dir().join(format!("mw-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("agent.toml");
+        std::fs::write(&cfg, "audit_log = \"/srv/audit/a.jsonl\"\n").unwrap();
+        assert_eq!(
+            audit_log_of(Some(&cfg)).unwrap(),
+            PathBuf::from("/srv/audit/a.jsonl")
+        );
+        std::fs::write(&cfg, "audit_log = 3\n").unwrap();
+        assert!(
+            audit_log_of(Some(&cfg)).is_err(),
+            "a bad config is an error"
+        );
+        assert!(audit_log_of(Some(&dir.join("missing.toml"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,6 +16,18 @@ pub mod maps {
     pub const SYSCALLS: &str = "mw_syscalls";
     pub const FILE_RULES: &str = "mw_files";
     pub const BYTES: &str = "mw_bytes";
+    pub const CONFIG: &str = "mw_config";
+    pub const REPORTED: &str = "mw_reported";
+    pub const PARENT: &str = "mw_parent";
+}
+
+/// Indices of `mw_config`, agent-wide switches the agent writes.
+pub mod config {
+    /// Non-zero while some instance has `flags::AUDIT` or
+    /// `flags::EMIT_ALLOWED`: only then does sys_exit look at successful
+    /// syscalls.
+    pub const WANTS_ALLOWED: u32 = 0;
+    pub const COUNT: u32 = 1;
 }
 
 /// Program names as they appear in the object file (function names).
@@ -116,6 +128,10 @@ pub mod op {
     pub const RMDIR: u32 = 17;
     /// ptrace or /proc access to another process (`port` holds its tgid).
     pub const PTRACE: u32 = 18;
+    /// A DNS response a confined socket received (learn and audit mode):
+    /// `addr`/`port` the responder, `path` the first `EVENT_PATH_LEN`
+    /// bytes of the DNS message, `sock_type` its whole length.
+    pub const DNS: u32 = 19;
 }
 
 /// Rule key kind: what an address rule grants.

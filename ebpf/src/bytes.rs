@@ -2,6 +2,7 @@
 //! cgroup_skb hooks on the instance cgroup. Counting only: every packet is
 //! let through (1). Payload = IP length minus the IP and TCP/UDP headers, so
 //! a tool call's figure is what its sockets carried, not framing overhead.
+//! Ingress packets are also shown to dns.rs (DNS answers, audit/learn).
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::bpf_skb_cgroup_id,
@@ -59,6 +60,9 @@ fn count(ctx: &SkBuffContext, dir: u32) -> i32 {
         Some(s) => *s,
         None => return 1,
     };
+    if dir == DIR_INGRESS {
+        crate::dns::observe(ctx, cg, &st);
+    }
     let n = payload(ctx);
     if n == 0 {
         return 1;

@@ -14,6 +14,7 @@
 //!
 //! Fail closed: a confined task whose path cannot be built is refused.
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated},
     macros::{lsm, map},
     maps::{lpm_trie::Key, PerCpuArray},
@@ -24,7 +25,7 @@ use mcp_warden_common::{
 };
 
 use crate::{
-    audit::PENDING,
+    audit::REPORTED,
     event::emit,
     maps::{current_instance, FILE_RULES},
 };
@@ -181,7 +182,7 @@ fn verdict(s: &Scratch, cg: u64, st: &InstanceState, ok: bool, w: What, len: usi
     // syscall-exit audit, which in audit mode also reports successes for
     // userspace to judge, must not report it again.
     if !ok {
-        forget_pending();
+        mark_reported();
     }
     if !ok || st.flags & flags::EMIT_ALLOWED != 0 {
         emit(k, operation, dec, cg, st, |e| {
@@ -207,10 +208,17 @@ fn verdict(s: &Scratch, cg: u64, st: &InstanceState, ok: bool, w: What, len: usi
 }
 
 /// This refusal is reported here: the syscall-exit audit (audit.rs) must
-/// not report it again.
+/// not report it again. Marks the thread with the number of the syscall
+/// in progress (`orig_rax` of its saved user registers).
 #[inline(always)]
-fn forget_pending() {
-    let _ = PENDING.remove(bpf_get_current_pid_tgid());
+fn mark_reported() {
+    // SAFETY: helpers on the current task; the register read is checked.
+    let nr = unsafe {
+        let regs =
+            generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) as *const pt_regs;
+        bpf_probe_read_kernel(core::ptr::addr_of!((*regs).orig_rax)).unwrap_or(u64::MAX)
+    };
+    let _ = REPORTED.insert(bpf_get_current_pid_tgid(), nr, 0);
 }
 
 /// Judge `dir` [/ `dentry`'s name] for `acc`.
@@ -426,7 +434,7 @@ pub fn mw_ptrace_check(ctx: LsmContext) -> i32 {
     let audit = st.flags & flags::AUDIT != 0;
     let ret = if audit { 0 } else { -EPERM };
     // Reported here, refused or (audit mode) not.
-    forget_pending();
+    mark_reported();
     let off_tgid = global(&MW_OFF_TASK_TGID);
     // SAFETY: checked kernel read.
     let tgid =

@@ -7,6 +7,7 @@
 
 mod audit;
 mod bytes;
+mod dns;
 mod event;
 mod lsm;
 mod maps;

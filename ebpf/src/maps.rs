@@ -1,7 +1,7 @@
 //! Maps shared by every program. Names come from `mcp_warden_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{CgroupArray, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use mcp_warden_common::{
     kind, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule, PathRule, UnixKey,
@@ -31,6 +31,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Events the kernel could not deliver, per kind (index = `kind::*`).
 #[map(name = "mw_stats")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
+
+/// Slot 0: the cgroup every instance cgroup of this agent is created in
+/// (set by the agent when it registers an instance).
+#[map(name = "mw_parent")]
+pub static PARENT: CgroupArray = CgroupArray::with_max_entries(1, 0);
+
+/// [`current_instance`] for the global syscall tracepoints, which run for
+/// every task on the host: a task outside the instances' parent cgroup is
+/// turned away by one ancestor check, before the cgroup id is read and
+/// hashed. An unset slot (an error) falls through to the lookup.
+#[inline(always)]
+pub fn current_instance_traced() -> Option<(u64, InstanceState)> {
+    if let Ok(false) = PARENT.current_task_under_cgroup(0) {
+        return None;
+    }
+    current_instance()
+}
 
 /// Look up the current task's instance, if its cgroup is confined.
 #[inline(always)]

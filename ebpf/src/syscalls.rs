@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use mcp_warden_common::{kind, SyscallKey};
 
-use crate::{event::count_lost, maps::current_instance};
+use crate::{event::count_lost, maps::current_instance_traced};
 
 /// Drained by userspace after each call ends; up to 16k entries of
 /// (instance, epoch, syscall), allocated on use (a preallocated per-CPU
@@ -20,7 +20,7 @@ static SYSCALLS: PerCpuHashMap<SyscallKey, u64> =
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn mw_sys_enter(ctx: RawTracePointContext) -> i32 {
-    let Some((cg, st)) = current_instance() else {
+    let Some((cg, st)) = current_instance_traced() else {
         return 0;
     };
     // sys_enter(struct pt_regs *regs, long id)
@@ -31,7 +31,6 @@ pub fn mw_sys_enter(ctx: RawTracePointContext) -> i32 {
         nr: nr as u32,
         _pad: 0,
     };
-    crate::audit::on_enter(&ctx, nr);
     match SYSCALLS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         Some(p) => unsafe { *p += 1 },

@@ -1,13 +1,18 @@
 //! `mcp-warden learn`, on the real kernel: learn a policy from a scripted
 //! session (official MCP Python SDK client), enforce it on the same
 //! session, and see a new behaviour denied and attributed to its tool call;
-//! `--merge` keeps the policy small; `--diff` reports drift and exits 1.
+//! `--merge` keeps the policy small; `--diff` reports drift and exits 1; a
+//! peer the server found through DNS is learned by its name.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Write},
-    net::TcpListener,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
 };
 
 use mcp_warden_tests::{read_events, repo_root, sdk_drive, venv_python, warden, Scenario, TempDir};
@@ -519,4 +524,281 @@ fn python_server_network_peer_learned_per_tool_and_merged() {
     );
     // fetch's peer was seen in both runs: its count adds up.
     assert!(mtext.contains("# seen 2 times"), "{mtext}");
+}
+
+/// A DNS server for the test's own names on 127.53.X.Y:53, UDP and TCP
+/// (X.Y from the test's pid: no other test uses it; loopback only). Answers A queries
+/// for its names, an empty answer for other types of them, NXDOMAIN for
+/// anything else. Stops when dropped.
+struct DnsResponder {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DnsResponder {
+    fn start(names: Vec<(String, Ipv4Addr)>) -> Self {
+        let pid = std::process::id();
+        let ip = Ipv4Addr::new(127, 53, (pid >> 8) as u8, pid as u8);
+        let sock = UdpSocket::bind((ip, 53)).expect("bind the test's DNS responder");
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let tcp = TcpListener::bind(addr).expect("bind the test's DNS responder (TCP)");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (halt, udp_names) = (stop.clone(), names.clone());
+        let udp = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(r) = dns_answer(&buf[..n], &udp_names) {
+                    let _ = sock.send_to(&r, from);
+                }
+            }
+        });
+        let halt = stop.clone();
+        let tcp = std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                let Ok((mut c, _)) = tcp.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                let _ = c.set_nonblocking(false);
+                let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+                let mut len = [0u8; 2];
+                if c.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                if c.read_exact(&mut q).is_err() {
+                    continue;
+                }
+                if let Some(r) = dns_answer(&q, &names) {
+                    let mut framed = (r.len() as u16).to_be_bytes().to_vec();
+                    framed.extend(r);
+                    let _ = c.write_all(&framed);
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            threads: vec![udp, tcp],
+        }
+    }
+}
+
+impl Drop for DnsResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The response to DNS query `q` (one question), or None for garbage.
+fn dns_answer(q: &[u8], names: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
+    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *q.get(i)? != 0 {
+        let l = q[i] as usize;
+        labels.push(String::from_utf8_lossy(q.get(i + 1..i + 1 + l)?).to_lowercase());
+        i += 1 + l;
+    }
+    let end = i + 5;
+    let qtype = u16::from_be_bytes([*q.get(i + 1)?, *q.get(i + 2)?]);
+    q.get(..end)?;
+    let hit = names.iter().find(|(n, _)| *n == labels.join("."));
+    let answer = hit.filter(|_| qtype == 1).map(|(_, ip)| *ip);
+    let mut r = q[..2].to_vec();
+    r.push(0x84 | (q[2] & 1)); // response, authoritative, RD echoed
+    r.push(0x80 | if hit.is_some() { 0 } else { 3 }); // RA; NOERROR or NXDOMAIN
+    r.extend(1u16.to_be_bytes());
+    r.extend(u16::from(answer.is_some()).to_be_bytes());
+    r.extend([0, 0, 0, 0]);
+    r.extend(&q[12..end]);
+    if let Some(ip) = answer {
+        // The question's name (pointer to offset 12), A, IN, TTL 60.
+        r.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        r.extend(ip.octets());
+    }
+    Some(r)
+}
+
+/// A bare JSON-RPC client on `cmd`'s stdio: initialize, then each
+/// tools/call in turn (waiting for its answer), then end the session.
+/// Returns each call's text (or "error: ...") and the process output.
+fn stdio_session(mut cmd: Command, calls: &[(&str, Value)]) -> (Vec<String>, Output) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mcp-warden");
+    let mut sin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut answer = |id: u64| -> Value {
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["id"] == id {
+                return v;
+            }
+        }
+        Value::Null
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "learn-test", "version": "1"}}});
+    writeln!(sin, "{init}").expect("write initialize");
+    let mut texts = Vec::new();
+    if answer(0)["result"].is_object() {
+        writeln!(
+            sin,
+            "{}",
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        )
+        .expect("write initialized");
+        for (n, (tool, args)) in calls.iter().enumerate() {
+            let id = n as u64 + 1;
+            let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": tool, "arguments": args}});
+            writeln!(sin, "{call}").expect("write tools/call");
+            let v = answer(id);
+            texts.push(match v["result"]["content"][0]["text"].as_str() {
+                Some(t) => t.to_string(),
+                None => format!("error: {v}"),
+            });
+        }
+    }
+    drop(sin);
+    let out = child.wait_with_output().expect("wait mcp-warden");
+    (texts, out)
+}
+
+#[test]
+fn dns_names_the_server_resolved_are_learned_as_names() {
+    mcp_warden_tests::require_root();
+    let t = TempDir::new("learn-dns");
+    let pid = std::process::id();
+    let (hi, lo) = ((pid >> 8) as u8, pid as u8);
+    let peer = Ipv4Addr::new(127, 77, hi, lo);
+    let elsewhere = Ipv4Addr::new(127, 78, hi, lo);
+    let listener = TcpListener::bind((peer, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    // Asked over TCP: a second peer on the same port.
+    let peer2 = Ipv4Addr::new(127, 79, hi, lo);
+    let listener2 = TcpListener::bind((peer2, port)).expect("listen");
+    let name = format!("api-{pid}.example.test");
+    let name2 = format!("tcp-{pid}.example.test");
+    let other = format!("other-{pid}.example.test");
+    let dns = DnsResponder::start(vec![
+        (name.clone(), peer),
+        (name2.clone(), peer2),
+        (other.clone(), elsewhere),
+    ]);
+    let dns_addr = dns.addr.to_string();
+    let call = |n: &str, tcp: bool| -> (&'static str, Value) {
+        (
+            "lookup_fetch",
+            json!({"dns": dns_addr, "name": n, "port": port, "tcp": tcp}),
+        )
+    };
+    let server = toolbox();
+
+    // 1. Learn: the server asks the test's DNS server for the name, then
+    //    connects to the answer.
+    let learned = t.path().join("learned.toml");
+    let events = t.path().join("learn-events.jsonl");
+    let mut c = Command::new(warden());
+    c.arg("learn")
+        .arg("--out")
+        .arg(&learned)
+        .arg("--events")
+        .arg(&events)
+        .arg("--")
+        .args(&server);
+    let (texts, out) = stdio_session(c, &[call(&name, false), call(&name2, true)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(texts, vec!["ok", "ok"], "{stderr}");
+    let rules = assert_reviewable(&learned, 30);
+    let text = std::fs::read_to_string(&learned).unwrap_or_default();
+    // The peer is learned by its name (the agent resolves it again when
+    // the policy is loaded); the resolver by its address.
+    assert_eq!(
+        rules.get("tools.lookup_fetch.network.connect"),
+        Some(&vec![
+            dns_addr.clone(),
+            format!("{name}:{port}"),
+            format!("{name2}:{port}")
+        ]),
+        "{text}"
+    );
+    assert!(
+        rules
+            .values()
+            .flatten()
+            .all(|r| !r.starts_with(&peer.to_string()) && !r.starts_with(&peer2.to_string())),
+        "the bare addresses are not learned: {text}"
+    );
+    assert!(
+        text.contains(&format!("# seen 1 time: resolved by the server to {peer}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("#   {name} (1 answer: {peer})")),
+        "{text}"
+    );
+    // The kernel saw the answer arrive, during the call.
+    let answers: Vec<Value> = read_events(&events)
+        .into_iter()
+        .filter(|e| e["op"] == "dns")
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:#?}");
+    for (a, (n, ip, proto)) in answers
+        .iter()
+        .zip([(&name, peer, "udp"), (&name2, peer2, "tcp")])
+    {
+        assert_eq!(a["kind"], "net");
+        assert_eq!(a["name"], n.as_str());
+        assert_eq!(a["answers"], json!([ip.to_string()]));
+        assert_eq!(a["protocol"], proto);
+        assert_eq!(a["addr"], dns.addr.ip().to_string());
+        assert_eq!(a["port"], 53);
+        assert_eq!(a["tool"], "lookup_fetch");
+        assert!(a["call_id"].is_number(), "{a}");
+    }
+
+    // 2. Enforced: the agent resolves the name itself (at the test's DNS
+    //    server); the same call passes, a name the policy does not hold is
+    //    refused at connect.
+    let policy = std::fs::read_to_string(&learned).expect("read learned");
+    let sc = Scenario::new("learn-dns-enforce", &policy);
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    let mut c = sc.command(&server);
+    c.env("MCP_WARDEN_DNS", &dns_addr);
+    let (texts, out) = stdio_session(
+        c,
+        &[call(&name, false), call(&name2, true), call(&other, false)],
+    );
+    let run = sc.collect(0, out);
+    assert_eq!(texts, vec!["ok", "ok", "errno=1"], "{}", run.stderr);
+    let denials: Vec<&Value> = run
+        .events
+        .iter()
+        .filter(|e| e["decision"] == "deny" && !own_proc_entry(e))
+        .collect();
+    assert_eq!(denials.len(), 1, "{denials:#?}");
+    assert_eq!(denials[0]["kind"], "net");
+    assert_eq!(denials[0]["addr"], elsewhere.to_string());
+    assert_eq!(denials[0]["port"], port);
+    assert_eq!(denials[0]["tool"], "lookup_fetch");
+    drop((listener, listener2));
 }

@@ -3,6 +3,7 @@
 //! (JSON-lines files, the log, metrics).
 //!
 //! The JSON-lines record is a contract (shared/design.md, "Event record").
+pub mod dns;
 pub mod reader;
 pub mod resolve;
 pub mod sink;
@@ -59,6 +60,7 @@ pub fn op_name(o: u32) -> &'static str {
         op::CHOWN => "chown",
         op::RMDIR => "rmdir",
         op::PTRACE => "ptrace",
+        op::DNS => "dns",
         _ => "unknown",
     }
 }
@@ -233,19 +235,23 @@ pub fn kernel_record(ev: &Event, info: &InstanceInfo, attr: &Attribution) -> Val
                 }
                 _ => {}
             }
-            m.insert(
-                "sock_type".into(),
-                Value::String(
-                    match ev.sock_type as i32 {
-                        libc::SOCK_STREAM => "stream",
-                        libc::SOCK_DGRAM => "dgram",
-                        libc::SOCK_RAW => "raw",
-                        libc::SOCK_SEQPACKET => "seqpacket",
-                        _ => "other",
-                    }
-                    .into(),
-                ),
-            );
+            if ev.op == op::DNS {
+                dns_fields(ev, &mut m);
+            } else {
+                m.insert(
+                    "sock_type".into(),
+                    Value::String(
+                        match ev.sock_type as i32 {
+                            libc::SOCK_STREAM => "stream",
+                            libc::SOCK_DGRAM => "dgram",
+                            libc::SOCK_RAW => "raw",
+                            libc::SOCK_SEQPACKET => "seqpacket",
+                            _ => "other",
+                        }
+                        .into(),
+                    ),
+                );
+            }
         }
         kind::FILE | kind::EXEC | kind::PROC => {
             if ev.kind == kind::FILE && ev.op == op::OPEN {
@@ -274,6 +280,48 @@ pub fn kernel_record(ev: &Event, info: &InstanceInfo, attr: &Attribution) -> Val
         Value::String(info.policy_source.clone()),
     );
     Value::Object(m)
+}
+
+/// A DNS response (`op::DNS`): the name asked for, the answers, and no
+/// process (the kernel saw the packet arrive, not who reads it).
+fn dns_fields(ev: &Event, m: &mut Map<String, Value>) {
+    for k in ["pid", "comm", "exe"] {
+        m.insert(k.into(), Value::Null);
+    }
+    m.insert(
+        "protocol".into(),
+        Value::String(
+            if ev.protocol == libc::IPPROTO_TCP as u32 {
+                "tcp"
+            } else {
+                "udp"
+            }
+            .into(),
+        ),
+    );
+    let whole = ev.sock_type as usize;
+    let copied = whole.min(ev.path.len());
+    match dns::parse(&ev.path[..copied], whole) {
+        Some(a) => {
+            m.insert("name".into(), Value::String(a.name));
+            m.insert("rcode".into(), Value::String(a.rcode));
+            m.insert(
+                "answers".into(),
+                Value::Array(
+                    a.addrs
+                        .iter()
+                        .map(|ip| Value::String(ip.to_string()))
+                        .collect(),
+                ),
+            );
+            if a.cut > 0 {
+                m.insert("answers_cut".into(), json!(a.cut));
+            }
+        }
+        None => {
+            m.insert("name".into(), Value::Null);
+        }
+    }
 }
 
 /// Outcome of a finished tool call.

@@ -72,6 +72,9 @@ enum Type {
     },
     /// Typedef, const, volatile, restrict, type tag: refers to `ty`.
     Alias(u32),
+    Func {
+        name: u32,
+    },
     Other,
 }
 
@@ -193,7 +196,8 @@ impl Btf {
                     off += 12 * vlen;
                     Type::Other
                 }
-                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                KIND_FUNC => Type::Func { name },
+                KIND_PTR | KIND_FWD | KIND_FLOAT => Type::Other,
                 k => return Err(BtfError::UnknownKind(k)),
             };
             types.push(ty);
@@ -236,6 +240,14 @@ impl Btf {
             }
         }
         id
+    }
+
+    /// Type id of the function `name` (an LSM hook's attach point).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.types.iter().enumerate().find_map(|(id, t)| match t {
+            Type::Func { name: n } if self.string(*n) == name => Some(id as u32),
+            _ => None,
+        })
     }
 
     fn struct_id(&self, name: &str) -> Result<u32, BtfError> {

@@ -67,10 +67,12 @@ pub fn set_globals<'a>(loader: &mut EbpfLoader<'a>, offs: &'a Offsets) {
 }
 
 /// Does this kernel accept LSM programs? Err carries the reason for the log.
-pub fn probe(btf: &aya::Btf) -> Result<(), String> {
+/// Uses the agent's own BTF table, so a host on the fallback backend never
+/// has aya parse the kernel's BTF a second time.
+pub fn probe(btf: &Btf) -> Result<(), String> {
     let id = btf
-        .id_by_type_name_kind("bpf_lsm_file_open", aya_obj::btf::BtfKind::Func)
-        .map_err(|e| format!("no bpf_lsm_file_open in the kernel's BTF: {e}"))?;
+        .func_id("bpf_lsm_file_open")
+        .ok_or("no bpf_lsm_file_open in the kernel's BTF")?;
     super::raw::probe_lsm(id).map_err(|e| format!("the kernel refused an LSM program: {e}"))
 }
 

@@ -8,13 +8,16 @@ pub mod raw;
 pub mod unix;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, CgroupArray, HashMap, LpmTrie, Map, MapData, PerCpuArray,
+        PerCpuHashMap, RingBuf,
+    },
     programs::{
         links::{FdLink, LinkError},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
@@ -23,8 +26,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mcp_warden_common::{
-    kind, maps, programs, BytesKey, FileKey, FileRule, InstanceState, Net4Key, Net6Key, NetRule,
-    PathRule, SyscallKey, UnixKey,
+    config, flags, kind, maps, programs, BytesKey, FileKey, FileRule, InstanceState, Net4Key,
+    Net6Key, NetRule, PathRule, SyscallKey, UnixKey,
 };
 
 use crate::policy::compile::{CompiledNet, FileEntry};
@@ -73,6 +76,21 @@ pub enum KernelError {
          claimed: {0}"
     )]
     Lsm(String),
+}
+
+/// Load (verify) one program, logging how long the kernel took: the
+/// verifier is most of the agent's start-up.
+fn timed_load(
+    name: &str,
+    load: impl FnOnce() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    let t = std::time::Instant::now();
+    let r = load();
+    log::debug!(
+        "program {name}: loaded in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    r
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
@@ -143,6 +161,16 @@ pub struct Kernel {
     backend: &'static str,
     _lsm_links: Vec<(&'static str, FdLink)>,
     caps: Capabilities,
+    /// Agent-wide switches the programs read (`config::*`); None when
+    /// re-adopted programs predate the map.
+    config: Option<Array<MapData, u32>>,
+    /// Slot 0: the parent cgroup of the instance cgroups (None when
+    /// re-adopted programs predate the map).
+    parent: Option<CgroupArray<MapData>>,
+    /// Instances (cgroup ids) that want successful file operations
+    /// reported (audit or learn mode): `config::WANTS_ALLOWED` is set
+    /// while this is not empty.
+    wanting_allowed: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -205,7 +233,12 @@ impl Kernel {
         }
         raise_memlock();
         // Struct offsets the unix and LSM hooks need, from this kernel's BTF.
+        let t0 = std::time::Instant::now();
         let kbtf = btf::Btf::from_sys_fs();
+        log::debug!(
+            "kernel BTF parsed in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         let unix_layout: Result<unix::SockAddrKernLayout, String> = match &kbtf {
             Ok(b) => unix::layout(b).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -214,13 +247,17 @@ impl Kernel {
             Ok(b) => lsm::offsets(b).map_err(|e| format!("reading struct offsets: {e}")),
             Err(e) => Err(e.to_string()),
         };
-        // The backend: BPF-LSM where the kernel accepts LSM programs.
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string());
-        let lsm_ready: Result<(), String> = aya_btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(lsm::probe)
-            .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
+        // The backend: BPF-LSM where the kernel accepts LSM programs. Only
+        // then is aya's own BTF table needed (to attach the hooks).
+        let lsm_ready: Result<(), String> = match &kbtf {
+            Ok(b) => lsm::probe(b),
+            Err(e) => Err(e.to_string()),
+        }
+        .and_then(|()| lsm_offsets.as_ref().map(drop).map_err(Clone::clone));
+        let aya_btf = match &lsm_ready {
+            Ok(()) => aya::Btf::from_sys_fs().map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
         let mut loader = EbpfLoader::new();
         if let Ok(o) = &lsm_offsets {
             lsm::set_globals(&mut loader, o);
@@ -230,7 +267,12 @@ impl Kernel {
                 .override_global(unix::GLOBAL_UADDR, &l.uaddr, true)
                 .override_global(unix::GLOBAL_UADDRLEN, &l.uaddrlen, true);
         }
+        let t0 = std::time::Instant::now();
         let mut ebpf = loader.load(OBJECT)?;
+        log::debug!(
+            "object parsed, maps created in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         let (backend, lsm_links) = match (&lsm_ready, &aya_btf) {
             (Ok(()), Ok(b)) => {
                 let links = lsm::attach_all(&mut ebpf, b).map_err(KernelError::Lsm)?;
@@ -284,7 +326,7 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+            timed_load(name, || p.load()).map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
         {
@@ -294,7 +336,7 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+            timed_load(name, || p.load()).map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
         ensure_tracefs()?;
@@ -308,15 +350,15 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+            timed_load(name, || p.load()).map_err(prog_err(name))?;
             let id = p.attach(cat, tp).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
             tracepoints.push(FdLink::try_from(link)?);
             caps.hooks.insert(name, true);
         }
         // sys_enter: per-instance syscall counters (tagged with the call
-        // epoch) and the stash of watched file/exec syscalls; sys_exit: the
-        // audit of those the fallback's Landlock/seccomp refused.
+        // epoch); sys_exit: the audit of the file/exec syscalls the
+        // fallback's Landlock/seccomp refused.
         for (name, tp) in [
             (programs::SYS_ENTER, "sys_enter"),
             (programs::SYS_EXIT, "sys_exit"),
@@ -326,7 +368,7 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+            timed_load(name, || p.load()).map_err(prog_err(name))?;
             let id = p.attach(tp).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
             tracepoints.push(FdLink::from(link));
@@ -338,7 +380,7 @@ impl Kernel {
                 .ok_or(KernelError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            p.load().map_err(prog_err(name))?;
+            timed_load(name, || p.load()).map_err(prog_err(name))?;
             caps.hooks.insert(name, true);
         }
         let maps = Maps::open(&mut |name| {
@@ -371,7 +413,14 @@ impl Kernel {
         lsm_links: Vec<(&'static str, FdLink)>,
         caps: Capabilities,
     ) -> Self {
-        Self {
+        let wanting_allowed = maps
+            .instances
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, st)| wants_allowed(st))
+            .map(|(cg, _)| cg)
+            .collect();
+        let mut k = Self {
             ebpf,
             pinned_programs,
             instances: maps.instances,
@@ -388,6 +437,40 @@ impl Kernel {
             backend,
             _lsm_links: lsm_links,
             caps,
+            config: maps.config,
+            parent: maps.parent,
+            wanting_allowed,
+        };
+        if let Err(e) = k.write_wants_allowed() {
+            log::error!("{e}");
+        }
+        k
+    }
+
+    /// Tell the syscall tracepoints which cgroup the instance cgroups are
+    /// created in (an open directory fd): tasks outside it are turned away
+    /// before the instance lookup. Set at every registration, so a parent
+    /// removed and recreated meanwhile is followed.
+    pub fn set_instances_parent<F: std::os::fd::AsRawFd>(
+        &mut self,
+        parent: &F,
+    ) -> Result<(), KernelError> {
+        match &mut self.parent {
+            Some(p) => p
+                .set(0, parent.as_raw_fd(), 0)
+                .map_err(map_err(maps::PARENT)),
+            None => Ok(()),
+        }
+    }
+
+    /// Tell sys_exit whether any instance wants successes reported.
+    fn write_wants_allowed(&mut self) -> Result<(), KernelError> {
+        let on = u32::from(!self.wanting_allowed.is_empty());
+        match &mut self.config {
+            Some(c) => c
+                .set(config::WANTS_ALLOWED, on, 0)
+                .map_err(map_err(maps::CONFIG)),
+            None => Ok(()),
         }
     }
 
@@ -506,17 +589,37 @@ impl Kernel {
     }
 
     /// Insert or replace an instance's state (atomic for the programs).
+    /// The switch sys_exit reads is turned on before an instance that
+    /// wants successes is in the map, and off only after none is.
     pub fn set_instance(&mut self, cgroup_id: u64, st: &InstanceState) -> Result<(), KernelError> {
+        let was = !self.wanting_allowed.is_empty();
+        if wants_allowed(st) {
+            self.wanting_allowed.insert(cgroup_id);
+            if !was {
+                self.write_wants_allowed()?;
+            }
+        }
         self.instances
             .insert(cgroup_id, st, 0)
-            .map_err(map_err(maps::INSTANCES))
+            .map_err(map_err(maps::INSTANCES))?;
+        if !wants_allowed(st)
+            && self.wanting_allowed.remove(&cgroup_id)
+            && self.wanting_allowed.is_empty()
+        {
+            self.write_wants_allowed()?;
+        }
+        Ok(())
     }
 
     pub fn remove_instance(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
         match self.instances.remove(&cgroup_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::INSTANCES)(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::INSTANCES)(e)),
         }
+        if self.wanting_allowed.remove(&cgroup_id) && self.wanting_allowed.is_empty() {
+            self.write_wants_allowed()?;
+        }
+        Ok(())
     }
 
     /// Install compiled network rules. Entries present in `old` but not in
@@ -626,6 +729,11 @@ impl Kernel {
     }
 }
 
+/// Does this instance want successful file operations reported?
+fn wants_allowed(st: &InstanceState) -> bool {
+    st.flags & (flags::AUDIT | flags::EMIT_ALLOWED) != 0
+}
+
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -667,6 +775,8 @@ struct Maps {
     bytes: PerCpuHashMap<MapData, BytesKey, u64>,
     files: LpmTrie<MapData, FileKey, FileRule>,
     events: RingBuf<MapData>,
+    config: Option<Array<MapData, u32>>,
+    parent: Option<CgroupArray<MapData>>,
 }
 
 impl Maps {
@@ -685,6 +795,22 @@ impl Maps {
             bytes: PerCpuHashMap::try_from(take(maps::BYTES)?).map_err(map_err(maps::BYTES))?,
             files: LpmTrie::try_from(take(maps::FILE_RULES)?).map_err(map_err(maps::FILE_RULES))?,
             events: RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?,
+            // Absent only from the pins of an older agent, whose programs
+            // do not read it.
+            config: match take(maps::CONFIG) {
+                Ok(m) => Some(Array::try_from(m).map_err(map_err(maps::CONFIG))?),
+                Err(e) => {
+                    log::debug!("{e}");
+                    None
+                }
+            },
+            parent: match take(maps::PARENT) {
+                Ok(m) => Some(CgroupArray::try_from(m).map_err(map_err(maps::PARENT))?),
+                Err(e) => {
+                    log::debug!("{e}");
+                    None
+                }
+            },
         })
     }
 }

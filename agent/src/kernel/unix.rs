@@ -63,6 +63,7 @@ pub fn layout(btf: &Btf) -> Result<SockAddrKernLayout, LayoutError> {
 fn map_data(m: &Map) -> Option<&MapData> {
     match m {
         Map::Array(d)
+        | Map::CgroupArray(d)
         | Map::HashMap(d)
         | Map::LpmTrie(d)
         | Map::LruHashMap(d)

@@ -125,10 +125,30 @@ impl Learned {
                     } else {
                         t
                     };
-                    let e = set.entry(t).or_default();
+                    let e = set.entry(t.clone()).or_default();
                     e.count += s.count;
                     e.notes.extend(notes_for(&s, None, 1, &scope));
+                    if !s.resolved.is_empty() {
+                        let ips: Vec<&str> = s.resolved.iter().map(String::as_str).collect();
+                        e.notes
+                            .insert(format!("resolved by the server to {}", ips.join(", ")));
+                    }
+                    if section == Section::Connect && t.ends_with(":53") {
+                        e.notes.insert("DNS".to_string());
+                    }
                 }
+            }
+        }
+        if !obs.names.is_empty() {
+            l.header.push("DNS names the server resolved:".to_string());
+            for (name, n) in &obs.names {
+                let to = if n.addrs.is_empty() {
+                    "no address".to_string()
+                } else {
+                    n.addrs.iter().cloned().collect::<Vec<_>>().join(", ")
+                };
+                l.header
+                    .push(format!("  {name} ({}: {to})", plural(n.count, "answer")));
             }
         }
         for ((verb, why), paths) in left {
@@ -484,6 +504,7 @@ mod tests {
                     at_start: true,
                     later: false,
                     dir_write: dw,
+                    ..Default::default()
                 },
             );
         };

@@ -3,14 +3,15 @@
 //! where it happened (the server outside calls, or a tool's calls), which
 //! section of a policy would grant it, and the target.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
 use serde_json::Value;
 
-use crate::events::EventSink;
+use crate::{events::EventSink, policy::values::parse_addr};
 
 /// Where an operation happened.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,6 +83,17 @@ pub struct Seen {
     /// A write that creates, removes or renames an entry: Landlock needs the
     /// right on the directory, not on the entry.
     pub dir_write: bool,
+    /// A `name:port` peer: the addresses the server reached it at.
+    pub resolved: BTreeSet<String>,
+}
+
+/// A DNS name the server resolved (from the DNS answers it received).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameSeen {
+    /// Responses received for it.
+    pub count: u64,
+    /// Addresses it resolved to.
+    pub addrs: BTreeSet<String>,
 }
 
 /// Everything observed in one run.
@@ -103,6 +115,11 @@ pub struct Observations {
     pub hard_denials: BTreeMap<String, u64>,
     /// File operations whose path could not be resolved.
     pub unresolved: u64,
+    /// DNS names the server resolved, by name.
+    pub names: BTreeMap<String, NameSeen>,
+    /// Address -> the name it was last given as an answer for: a connect to
+    /// it is learned as `name:port`.
+    pub answer_of: BTreeMap<IpAddr, String>,
 }
 
 impl Observations {
@@ -124,11 +141,15 @@ impl Observations {
         if !matches!(kind, "file" | "exec" | "net") {
             return;
         }
+        let op = s("op");
+        if kind == "net" && op == "dns" {
+            self.ingest_dns(rec);
+            return;
+        }
         let decision = s("decision");
         if decision == "audit" && self.keep_audit {
             self.audit_records.push(rec.clone());
         }
-        let op = s("op");
         if decision == "deny" {
             let what = format!("{kind} {op} {}", s("path"));
             *self.hard_denials.entry(what).or_default() += 1;
@@ -140,6 +161,8 @@ impl Observations {
             return;
         }
         let mut items: Vec<(Section, String, bool)> = Vec::new();
+        // The address a `name:port` peer was reached at.
+        let mut via: Option<String> = None;
         match kind {
             "file" => {
                 let path = s("path");
@@ -186,20 +209,28 @@ impl Observations {
                     ) else {
                         return;
                     };
-                    let host = match addr.parse::<std::net::IpAddr>() {
-                        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                            Some(v4) => v4.to_string(),
-                            None => format!("[{v6}]"),
-                        },
-                        Ok(v4) => v4.to_string(),
-                        Err(_) => return,
+                    let Ok(ip) = addr.parse::<IpAddr>() else {
+                        return;
                     };
-                    let section = if op == "bind" {
-                        Section::Bind
+                    let ip = ip.to_canonical();
+                    let host = match ip {
+                        IpAddr::V6(v6) => format!("[{v6}]"),
+                        IpAddr::V4(v4) => v4.to_string(),
+                    };
+                    let target = format!("{host}:{port}");
+                    if op == "bind" {
+                        items.push((Section::Bind, target, false));
                     } else {
-                        Section::Connect
-                    };
-                    items.push((section, format!("{host}:{port}"), false));
+                        // A peer the server found by name is learned by
+                        // that name (when a policy can say it).
+                        match self.answer_of.get(&ip).map(|n| format!("{n}:{port}")) {
+                            Some(named) if parse_addr(&named, false).is_ok() => {
+                                items.push((Section::Connect, named, false));
+                                via = Some(ip.to_string());
+                            }
+                            _ => items.push((Section::Connect, target, false)),
+                        }
+                    }
                 }
                 _ => {}
             },
@@ -229,6 +260,9 @@ impl Observations {
                     .or_default();
                 e.count += 1;
                 e.dir_write |= *dir_write;
+                if let Some(ip) = &via {
+                    e.resolved.insert(ip.clone());
+                }
                 if scope == Scope::Server {
                     if self.calls_began {
                         e.later = true;
@@ -237,6 +271,31 @@ impl Observations {
                     }
                 }
             }
+        }
+    }
+
+    /// A DNS response the server received: remember which name each
+    /// answer address belongs to (the latest name wins).
+    fn ingest_dns(&mut self, rec: &Value) {
+        let Some(name) = rec.get("name").and_then(Value::as_str) else {
+            return;
+        };
+        let answers: Vec<IpAddr> = rec
+            .get("answers")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .filter_map(|s| s.parse::<IpAddr>().ok())
+                    .map(|ip| ip.to_canonical())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let n = self.names.entry(name.to_string()).or_default();
+        n.count += 1;
+        for ip in answers {
+            n.addrs.insert(ip.to_string());
+            self.answer_of.insert(ip, name.to_string());
         }
     }
 
@@ -319,5 +378,50 @@ mod tests {
         assert_eq!(o.tools_called.get("w"), Some(&1));
         assert_eq!(o.tools_called.get("x"), None);
         assert_eq!(o.audit_records.len(), 5);
+    }
+
+    #[test]
+    fn peers_found_by_name_are_learned_by_name() {
+        let mut o = Observations::default();
+        let dns = |name: &str, answers: &[&str]| {
+            json!({"kind": "net", "op": "dns", "decision": "allow", "name": name,
+                "answers": answers, "addr": "127.0.0.53", "port": 53, "calls_in_flight": []})
+        };
+        let connect = |addr: &str, port: u64, tool: &str| {
+            json!({"kind": "net", "op": "connect", "decision": "audit", "addr": addr,
+                "port": port, "calls_in_flight": [{"tool": tool, "call_id": 1}]})
+        };
+        o.ingest(&dns("api.example.test", &["127.0.0.77", "::1"]));
+        o.ingest(&dns("api.example.test", &[]));
+        o.ingest(&dns("gone.example.test", &[]));
+        o.ingest(&connect("::ffff:127.0.0.77", 8443, "fetch"));
+        o.ingest(&connect("::1", 8443, "fetch"));
+        o.ingest(&connect("127.0.0.78", 8443, "fetch"));
+        // The same address answered later for another name: the latest wins.
+        o.ingest(&dns("cdn.example.test", &["127.0.0.77"]));
+        o.ingest(&connect("127.0.0.77", 443, "fetch"));
+        let fetch = Scope::Tool("fetch".into());
+        let named = o
+            .seen
+            .get(&(
+                fetch.clone(),
+                Section::Connect,
+                "api.example.test:8443".into(),
+            ))
+            .unwrap();
+        assert_eq!(named.count, 2);
+        assert_eq!(
+            named.resolved.iter().collect::<Vec<_>>(),
+            vec!["127.0.0.77", "::1"]
+        );
+        assert!(o
+            .seen
+            .contains_key(&(fetch.clone(), Section::Connect, "127.0.0.78:8443".into())));
+        assert!(o
+            .seen
+            .contains_key(&(fetch, Section::Connect, "cdn.example.test:443".into())));
+        assert_eq!(o.names["api.example.test"].count, 2);
+        assert!(o.names["gone.example.test"].addrs.is_empty());
+        assert_eq!(o.seen.len(), 3);
     }
 }

@@ -10,6 +10,11 @@
 //! - `flood PORT N`: N UDP connects to 127.0.0.1:PORT as fast as possible
 //!   (each one a denial under the bench policy), prints `generated` and
 //!   `elapsed_ns`, then `done`, then waits for end of input.
+//! - `nop-hooks raw|btf [both|enter|exit]`: attach empty programs
+//!   (`return 0`) to the sys_enter and sys_exit tracepoints (or only one),
+//!   as raw_tp or as tp_btf, print
+//!   `attached`, and keep them until end of input: the kernel's own cost of
+//!   a global syscall hook (the floor under the agent's sys_enter/sys_exit).
 //! - `server`: a minimal MCP server on stdio with tools `echo` (answers
 //!   "ok"), `big` ({"bytes": n}: answers n bytes of text, serialized once and
 //!   written again for each call) and `loop`
@@ -377,6 +382,167 @@ fn main() {
         }
         "server" => server(),
         "client" => client(&args[1..]),
-        _ => fail("usage: loop | ready | idle | flood | server | client (see the source)"),
+        "nop-hooks" => {
+            let btf = match a(1).as_str() {
+                "raw" => false,
+                "btf" => true,
+                _ => fail("usage: nop-hooks raw|btf [both|enter|exit]"),
+            };
+            // Optional third word: only one of the two tracepoints.
+            let tps: &[&str] = match a(2).as_str() {
+                "" | "both" => &["sys_enter", "sys_exit"],
+                "enter" => &["sys_enter"],
+                "exit" => &["sys_exit"],
+                _ => fail("usage: nop-hooks raw|btf [both|enter|exit]"),
+            };
+            let _links: Vec<OwnedFd> = tps
+                .iter()
+                .map(|tp| nop::attach(tp, btf).unwrap_or_else(|e| fail(&format!("{tp}: {e}"))))
+                .collect();
+            println!("attached");
+            let _ = std::io::stdout().flush();
+            wait_eof();
+        }
+        _ => fail(
+            "usage: loop | ready | idle | flood | nop-hooks | server | client (see the source)",
+        ),
+    }
+}
+
+/// Empty programs on the syscall tracepoints, loaded with the bpf(2)
+/// syscall directly (no loader library: two instructions).
+mod nop {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+    const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+    const BPF_PROG_TYPE_TRACING: u32 = 26;
+    const BPF_TRACE_RAW_TP: u32 = 23;
+
+    /// The prefix of `union bpf_attr` for BPF_PROG_LOAD that we fill.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        prog_btf_fd: u32,
+        func_info_rec_size: u32,
+        func_info: u64,
+        func_info_cnt: u32,
+        line_info_rec_size: u32,
+        line_info: u64,
+        line_info_cnt: u32,
+        attach_btf_id: u32,
+        attach_prog_fd: u32,
+        /// Zero up to a multiple of 8: no padding byte is left
+        /// uninitialised (the kernel refuses non-zero bytes past the
+        /// attributes it knows with E2BIG).
+        _rest: [u32; 17],
+    }
+
+    const _: () = assert!(std::mem::size_of::<ProgLoad>() == 184);
+
+    #[repr(C)]
+    struct RawTpOpen {
+        name: u64,
+        prog_fd: u32,
+        _pad: u32,
+        cookie: u64,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> Result<OwnedFd, String> {
+        // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of its size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T,
+                std::mem::size_of::<T>() as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        // SAFETY: a new descriptor the kernel just gave us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Load `r0 = 0; exit` and attach it to tracepoint `tp`.
+    pub fn attach(tp: &str, btf: bool) -> Result<OwnedFd, String> {
+        use std::os::fd::AsRawFd;
+        // mov64 r0, 0 ; exit
+        let insns: [u64; 2] = [0xb7, 0x95];
+        let license = c"GPL";
+        let mut load = ProgLoad {
+            prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Default::default()
+        };
+        if btf {
+            load.prog_type = BPF_PROG_TYPE_TRACING;
+            load.expected_attach_type = BPF_TRACE_RAW_TP;
+            load.attach_btf_id = btf_typedef_id(&format!("btf_trace_{tp}"))?;
+        }
+        let prog = bpf(BPF_PROG_LOAD, &mut load)?;
+        let name = std::ffi::CString::new(tp).map_err(|e| e.to_string())?;
+        let mut open = RawTpOpen {
+            // tp_btf takes its tracepoint from attach_btf_id.
+            name: if btf { 0 } else { name.as_ptr() as u64 },
+            prog_fd: prog.as_raw_fd() as u32,
+            _pad: 0,
+            cookie: 0,
+        };
+        bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open)
+    }
+
+    /// Type id of the typedef `name` in the kernel's BTF.
+    fn btf_typedef_id(name: &str) -> Result<u32, String> {
+        let b = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| e.to_string())?;
+        let u32_at = |o: usize| -> Result<u32, String> {
+            b.get(o..o + 4)
+                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+                .ok_or_else(|| "truncated BTF".to_string())
+        };
+        let hdr_len = u32_at(4)? as usize;
+        let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+        let str_off = u32_at(16)? as usize;
+        let types = hdr_len + type_off;
+        let strs = hdr_len + str_off;
+        let mut o = types;
+        let mut id = 1;
+        while o < types + type_len {
+            let (name_off, info) = (u32_at(o)? as usize, u32_at(o + 4)?);
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            if kind == 8 {
+                let s = &b[strs + name_off..];
+                let end = s.iter().position(|c| *c == 0).unwrap_or(0);
+                if &s[..end] == name.as_bytes() {
+                    return Ok(id);
+                }
+            }
+            o += 12
+                + match kind {
+                    1 | 14 | 17 => 4,
+                    3 => 12,
+                    4 | 5 | 15 | 19 => 12 * vlen,
+                    6 | 13 => 8 * vlen,
+                    _ => 0,
+                };
+            id += 1;
+        }
+        Err(format!("no typedef {name} in the kernel's BTF"))
     }
 }
