@@ -205,15 +205,14 @@ pub(crate) async fn serve_stdio(host: &Host, mut inst: Instance) -> Result<i32, 
         return Err(RunError::Relay("child stdio not piped".into()));
     };
     let session = inst.session.clone();
-    let (client_in, client_gone) = crate::relay::eof::EofNotify::new(tokio::io::stdin());
-    let relay = tokio::spawn(crate::relay::relay(
-        client_in,
-        tokio::io::stdout(),
+    let (gone_tx, client_gone) = tokio::sync::oneshot::channel();
+    let relay = crate::relay::pipe::spawn_stdio(
         child_in,
         child_out,
         session.policy().clone(),
         session,
-    ));
+        Some(gone_tx),
+    );
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;

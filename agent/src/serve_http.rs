@@ -115,7 +115,7 @@ pub async fn serve(host: &Host, mut inst: Instance, args: &HttpArgs) -> Result<i
 /// How `mcp-warden run` relays for its server: stdio, or HTTP. Used by the
 /// agent-client path ([`crate::run_agent`]), which has its own hooks.
 pub enum Relayed {
-    Stdio(tokio::task::JoinHandle<Result<crate::relay::RelayStats, crate::relay::RelayError>>),
+    Stdio(crate::relay::pipe::RelayThread),
     Http(HttpTask),
 }
 
@@ -130,14 +130,9 @@ impl Relayed {
         child_out: tokio::process::ChildStdout,
     ) -> Result<Self, RunError> {
         let Some(http) = http else {
-            return Ok(Relayed::Stdio(tokio::spawn(crate::relay::relay(
-                tokio::io::stdin(),
-                tokio::io::stdout(),
-                child_in,
-                child_out,
-                policy,
-                hooks,
-            ))));
+            return Ok(Relayed::Stdio(crate::relay::pipe::spawn_stdio(
+                child_in, child_out, policy, hooks, None,
+            )));
         };
         let listener = Listener::bind(&http.listen)
             .await

@@ -1018,6 +1018,10 @@ pub fn syscall_name(nr: u32) -> String {
     }
 }
 
+/// How long the accountant waits after a call ends before draining, so a
+/// burst of calls costs one drain.
+const ACCOUNT_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Runs [`Session::account`] whenever a call ends, off the relay's path
 /// (draining the counters is a few hundred map syscalls).
 pub async fn run_accountant(
@@ -1025,7 +1029,9 @@ pub async fn run_accountant(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) {
     while rx.recv().await.is_some() {
-        // Coalesce bursts of call ends into one drain.
+        // Coalesce bursts of call ends into one drain: a drain holds the
+        // kernel maps' lock, which the next call's epoch switch waits for.
+        tokio::time::sleep(ACCOUNT_DELAY).await;
         while rx.try_recv().is_ok() {}
         let s = session.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || s.account(false)).await {

@@ -26,6 +26,11 @@ impl<R> EofNotify<R> {
             rx,
         )
     }
+
+    /// Tell `tx` (when given) once the stream has ended.
+    pub fn with_sender(inner: R, tx: Option<oneshot::Sender<()>>) -> Self {
+        Self { inner, tx }
+    }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for EofNotify<R> {

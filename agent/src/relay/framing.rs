@@ -80,6 +80,16 @@ impl Framer {
         self.oversize
     }
 
+    /// The start of a line not complete yet (fed, not handed out), when it
+    /// is under the parse limit so far. Call after [`Framer::next_frame`]
+    /// has returned `None`.
+    pub fn partial(&self) -> &[u8] {
+        if self.oversize {
+            return &[];
+        }
+        &self.buf[self.start..]
+    }
+
     /// Bytes fed but not yet handed out.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start

@@ -52,6 +52,15 @@ impl RequestId {
 }
 
 fn number_key(n: &serde_json::Number) -> String {
+    // Integers a double holds exactly: their decimal text is the key (what
+    // the float path below gives, without its slow exact formatting).
+    const EXACT: u64 = 1 << 53;
+    if let Some(i) = n.as_i64().filter(|i| i.unsigned_abs() <= EXACT) {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64().filter(|u| *u <= EXACT) {
+        return u.to_string();
+    }
     let Some(f) = n.as_f64().filter(|f| f.is_finite()) else {
         return n.to_string();
     };
@@ -222,8 +231,10 @@ pub enum Classified<'a> {
 pub fn classify(line: &[u8]) -> Classified<'_> {
     let first = line.iter().find(|b| !b" \t\r\n".contains(b));
     match first {
-        Some(b'{') => match serde_json::from_slice::<&RawValue>(line) {
-            Ok(raw) => match message(raw) {
+        // One pass: the object's fields straight from the line (the whole
+        // line is still checked to be one JSON value).
+        Some(b'{') => match serde_json::from_slice::<Obj<'_>>(line) {
+            Ok(obj) => match message_obj(obj) {
                 Message::Invalid => Classified::NotMcp,
                 m => Classified::Single(m),
             },
@@ -385,12 +396,28 @@ impl LineScan {
 
     pub fn push(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
-        for &c in data {
+        let mut i = 0;
+        while i < data.len() {
             if self.dead {
                 return;
             }
-            self.step(c);
+            // Inside a string nothing is kept: only a quote or a backslash
+            // changes the state, so jump to the next one.
+            if self.in_string && !self.escaped && !self.reading_key && self.reading.is_none() {
+                match memchr::memchr2(b'"', b'\\', &data[i..]) {
+                    Some(off) => i += off,
+                    None => return,
+                }
+            }
+            self.step(data[i]);
+            i += 1;
         }
+    }
+
+    /// What was read so far is a response's: a top-level `result` or
+    /// `error` member, and no `method` member (yet).
+    pub fn response_so_far(&self) -> bool {
+        self.started && !self.dead && !self.has_method && (self.has_result || self.has_error)
     }
 
     fn keep(&mut self, c: u8) {
@@ -592,9 +619,13 @@ impl<'de> Deserialize<'de> for Obj<'de> {
 }
 
 fn message(raw: &RawValue) -> Message<'_> {
-    let Some(obj) = Obj::parse(raw) else {
-        return Message::Invalid;
-    };
+    match Obj::parse(raw) {
+        Some(obj) => message_obj(obj),
+        None => Message::Invalid,
+    }
+}
+
+fn message_obj(obj: Obj<'_>) -> Message<'_> {
     if let Some(method_raw) = obj.get("method") {
         let Ok(method) = serde_json::from_str::<String>(method_raw.get()) else {
             return Message::Invalid;

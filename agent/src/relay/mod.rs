@@ -7,6 +7,7 @@
 //! - [`jsonrpc`]: classify a line (request, notification, response, batch).
 //! - [`calls`]: in-flight `tools/call` tracking and outcomes.
 //! - [`stdio`]: the two-direction relay loop and its ordering guarantees.
+//! - [`pipe`]: non-blocking stdio and server pipes; the relay's own thread.
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -15,6 +16,7 @@ pub mod eof;
 pub mod framing;
 pub mod http;
 pub mod jsonrpc;
+pub mod pipe;
 pub mod stdio;
 
 pub use calls::{CallEnd, CallStart, Outcome};
@@ -38,6 +40,8 @@ pub enum RelayError {
     ServerRead(#[source] std::io::Error),
     #[error("writing to the client: {0}")]
     ClientWrite(#[source] std::io::Error),
+    #[error("{0}")]
+    ServerLineCut(String),
 }
 
 /// Which handshake the session data came from.

@@ -18,6 +18,9 @@
 //!   whole line.
 //! - When the server's stdout ends, every call still in flight ends with
 //!   outcome error ("server exited").
+//! - A server line past [`STREAM_AFTER`] bytes that reads as a response is
+//!   forwarded as it arrives, its bytes from the last non-whitespace one on
+//!   held back until the whole line was classified and its call ended.
 //!
 //! A line strict JSON rejects is read again through
 //! [`super::jsonrpc::lenient_copy`] (invalid UTF-8, lone surrogates, NaN...),
@@ -177,6 +180,7 @@ where
         Ok(()) => "server exited",
         Err(RelayError::ServerRead(_)) => "server output unreadable",
         Err(RelayError::ClientWrite(_)) => "client gone",
+        Err(RelayError::ServerLineCut(_)) => "server line withheld",
     };
     let ends = shared.lock().tracker.end_all(Outcome::Error, detail);
     for end in &ends {
@@ -846,11 +850,12 @@ where
 {
     let mut framer = Framer::new(sh.opts.parse_limit);
     let mut buf = vec![0u8; sh.opts.read_size.max(1)];
-    let mut held: Option<LongLine<'_, CW>> = None;
+    let mut long: Option<LongLine<'_, CW>> = None;
     loop {
         while let Some(frame) = framer.next_frame() {
-            s2c_frame(sh, frame, &mut held).await?;
+            s2c_frame(sh, frame, &mut long).await?;
         }
+        s2c_partial(sh, framer.partial(), &mut long).await?;
         match input.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => framer.feed(&buf[..n]),
@@ -859,23 +864,92 @@ where
         }
     }
     if let Some(frame) = framer.finish() {
-        s2c_frame(sh, frame, &mut held).await?;
+        s2c_frame(sh, frame, &mut long).await?;
     }
     Ok(())
 }
 
-/// A server line over the parse limit, being forwarded piece by piece: the
-/// client writer stays locked from its first to its last piece, and the scan
-/// looks for the id of the response it may be.
+/// A server line past [`STREAM_AFTER`] bytes is forwarded as it arrives once
+/// what was read of it is a response's (a top-level `result` or `error`
+/// member and no `method`), so a large tool result flows to the client
+/// while the server is still writing it instead of being stored whole first.
+/// Everything from the line's last non-whitespace byte on is held back (the
+/// client never has a complete JSON text) until the whole line was read and
+/// the call it ends, if any, has ended.
+pub const STREAM_AFTER: usize = 64 * 1024;
+
+/// A server line being forwarded piece by piece: streamed (see
+/// [`STREAM_AFTER`]) and/or over the parse limit. Once anything of it went
+/// out, the client writer stays locked until its last piece, so the relay's
+/// own lines never land inside it.
 struct LongLine<'s, CW> {
-    writer: tokio::sync::MutexGuard<'s, CW>,
+    writer: Option<tokio::sync::MutexGuard<'s, CW>>,
+    /// Reads the line for its id as it streams (used past the parse limit).
     scan: LineScan,
+    /// Line offset of the next oversize piece's first byte.
+    pos: usize,
+    /// Bytes of the line fed to `scan`.
+    scanned: usize,
+    /// Bytes of the line written to the client.
+    sent: usize,
+}
+
+impl<'s, CW> LongLine<'s, CW> {
+    fn new() -> Self {
+        LongLine {
+            writer: None,
+            scan: LineScan::new(),
+            pos: 0,
+            scanned: 0,
+            sent: 0,
+        }
+    }
+}
+
+/// The start of a server line still being read: forward what can go.
+async fn s2c_partial<'s, H, CW>(
+    sh: &'s Shared<'_, H, CW>,
+    partial: &[u8],
+    long: &mut Option<LongLine<'s, CW>>,
+) -> Result<(), RelayError>
+where
+    H: RelayHooks,
+    CW: AsyncWrite + Unpin + Send,
+{
+    if partial.is_empty() || (long.is_none() && partial.len() <= STREAM_AFTER) {
+        return Ok(());
+    }
+    let l = long.get_or_insert_with(LongLine::new);
+    if partial.len() > l.scanned {
+        l.scan.push(&partial[l.scanned..]);
+        l.scanned = partial.len();
+    }
+    if !l.scan.response_so_far() {
+        return Ok(());
+    }
+    let upto = partial
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
+    if upto <= l.sent {
+        return Ok(());
+    }
+    let w = match &mut l.writer {
+        Some(w) => w,
+        None => l.writer.insert(sh.client_out.lock().await),
+    };
+    w.write_all(&partial[l.sent..upto])
+        .await
+        .map_err(RelayError::ClientWrite)?;
+    sh.lock().stats.bytes_s2c += (upto - l.sent) as u64;
+    l.sent = upto;
+    Ok(())
 }
 
 async fn s2c_frame<'s, H, CW>(
     sh: &'s Shared<'_, H, CW>,
     frame: Frame<'_>,
-    held: &mut Option<LongLine<'s, CW>>,
+    long: &mut Option<LongLine<'s, CW>>,
 ) -> Result<(), RelayError>
 where
     H: RelayHooks,
@@ -883,38 +957,46 @@ where
 {
     match frame {
         Frame::Oversize { bytes, last } => {
-            let long = match held {
-                Some(l) => l,
-                None => held.insert(LongLine {
-                    writer: sh.client_out.lock().await,
-                    scan: LineScan::new(),
-                }),
-            };
-            long.scan.push(bytes);
+            let l = long.get_or_insert_with(LongLine::new);
+            // This piece is line bytes [start, end); earlier bytes may have
+            // been scanned and sent while the line was streamed.
+            let start = l.pos;
+            let end = start + bytes.len();
+            l.pos = end;
+            let scan_from = l.scanned.saturating_sub(start).min(bytes.len());
+            l.scan.push(&bytes[scan_from..]);
+            l.scanned = l.scanned.max(end);
             if last {
                 // The client can't act on a line before its end arrives, so
                 // ending the call before writing the last piece still
                 // withdraws rights before the client sees the result.
-                if let Some((id, is_error)) = long.scan.response() {
+                if let Some((id, is_error)) = l.scan.response() {
                     let outcome = if is_error {
                         Outcome::Error
                     } else {
                         Outcome::Ok
                     };
-                    let end = sh.lock().tracker.end(&id, outcome, long.scan.bytes(), None);
+                    let end = sh.lock().tracker.end(&id, outcome, l.scan.bytes(), None);
                     if let Some(end) = end {
                         sh.end_calls(std::slice::from_ref(&end)).await;
                     }
                 }
             }
-            let w = &mut long.writer;
-            w.write_all(bytes).await.map_err(RelayError::ClientWrite)?;
+            let send_from = l.sent.saturating_sub(start).min(bytes.len());
+            let w = match &mut l.writer {
+                Some(w) => w,
+                None => l.writer.insert(sh.client_out.lock().await),
+            };
+            w.write_all(&bytes[send_from..])
+                .await
+                .map_err(RelayError::ClientWrite)?;
+            l.sent = l.sent.max(end);
             if last {
                 w.flush().await.map_err(RelayError::ClientWrite)?;
-                *held = None;
+                *long = None;
             }
             let mut st = sh.lock();
-            st.stats.bytes_s2c += bytes.len() as u64;
+            st.stats.bytes_s2c += (bytes.len() - send_from) as u64;
             if last {
                 st.stats.lines_s2c += 1;
                 st.stats.unparsed_s2c += 1;
@@ -959,11 +1041,24 @@ where
             for (_, method, g) in &effects.governed {
                 sh.hooks.server_request(method, *g);
             }
+            let streamed = long.take();
+            let sent = streamed.as_ref().map_or(0, |l| l.sent);
             if effects
                 .governed
                 .iter()
                 .any(|(_, _, g)| *g == Governance::Deny)
             {
+                if sent > 0 {
+                    // A streamed line that turned out to be a refused
+                    // request (a `method` after its `result`): the client
+                    // holds its start but not its end, and anything written
+                    // after would extend it. Stop relaying (fail closed).
+                    return Err(RelayError::ServerLineCut(
+                        "a server line read as a response while it streamed ended as a \
+                         request the policy refuses; the rest of it was withheld"
+                            .into(),
+                    ));
+                }
                 // Refused: the client never sees it; the server gets an
                 // error for every request in the line (a batch is refused
                 // whole: the relay never rewrites bytes it forwards).
@@ -976,11 +1071,15 @@ where
                 st.stats.bytes_s2c += line.len() as u64;
                 return Ok(());
             }
-            let mut w = sh.client_out.lock().await;
-            w.write_all(line).await.map_err(RelayError::ClientWrite)?;
+            let mut w = match streamed.and_then(|l| l.writer) {
+                Some(w) => w,
+                None => sh.client_out.lock().await,
+            };
+            let rest = line.get(sent..).unwrap_or_default();
+            w.write_all(rest).await.map_err(RelayError::ClientWrite)?;
             w.flush().await.map_err(RelayError::ClientWrite)?;
             drop(w);
-            sh.lock().stats.bytes_s2c += line.len() as u64;
+            sh.lock().stats.bytes_s2c += rest.len() as u64;
             Ok(())
         }
     }

@@ -891,3 +891,121 @@ async fn refusals_never_land_inside_a_server_line() {
     assert_eq!(refusal["id"], 1);
     finish(r).await;
 }
+
+/// A tool result over [`stdio::STREAM_AFTER`] bytes.
+fn streamed_result(id: &str, n: usize) -> String {
+    format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\"{}\"}}]}}}}\n",
+        "z".repeat(n)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_result_streams_and_its_call_ends_before_its_last_byte() {
+    let hooks = Arc::new(Rec {
+        end_delay: Duration::from_millis(50),
+        ..Rec::default()
+    });
+    let mut r = rig(policy(None), hooks.clone(), RelayOptions::default());
+    send(&mut r.client_w, &call("7", "read_file")).await;
+    line(&mut r.server_r).await;
+    let big = streamed_result("7", 3 * stdio::STREAM_AFTER);
+    // All but the closing bytes: the client gets most of the line while the
+    // server has not finished writing it.
+    let (head, tail) = big.split_at(big.len() - 10);
+    let (head, tail) = (head.to_owned(), tail.to_owned());
+    // The server writes concurrently: the pipes are smaller than the line.
+    let mut server_w = r.server_w;
+    let writer = tokio::spawn(async move {
+        send(&mut server_w, &head).await;
+        server_w
+    });
+    let mut got = vec![0u8; 2 * stdio::STREAM_AFTER];
+    tokio::time::timeout(Duration::from_secs(10), r.client_r.read_exact(&mut got))
+        .await
+        .expect("the start of a large result was not forwarded before its end")
+        .expect("read");
+    assert_eq!(&got[..], &big.as_bytes()[..got.len()]);
+    assert!(!hooks.has("end 7 read_file ok"), "{:?}", hooks.log());
+    r.server_w = writer.await.expect("writer");
+    send(&mut r.server_w, &tail).await;
+    let rest = line(&mut r.client_r).await;
+    got.extend_from_slice(rest.as_bytes());
+    assert!(got == big.as_bytes(), "bytes changed");
+    assert!(
+        hooks.has("end 7 read_file ok"),
+        "client had the whole result before rights were withdrawn"
+    );
+    let ends = hooks.ends.lock().expect("ends").clone();
+    assert_eq!(ends[0].response_bytes, big.len() as u64);
+    let stats = finish(r).await;
+    assert_eq!(stats.bytes_s2c, big.len() as u64);
+    assert_eq!(stats.lines_s2c, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_line_that_ends_as_a_denied_request_is_never_completed() {
+    let mut p = (*policy(None)).clone();
+    p.mcp.sampling = crate::policy::model::Governance::Deny;
+    let hooks = Arc::new(Rec::default());
+    let r = rig(Arc::new(p), hooks.clone(), RelayOptions::default());
+    // Reads as a response while it streams; its `method` comes last.
+    let sneaky = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":9,\"result\":{{\"x\":\"{}\"}},\"method\":\"sampling/createMessage\",\"params\":{{}}}}\n",
+        "q".repeat(2 * stdio::STREAM_AFTER)
+    );
+    let Rig {
+        client_w,
+        mut client_r,
+        server_r,
+        mut server_w,
+        relay,
+    } = r;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = client_r.read_to_end(&mut got).await;
+        got
+    });
+    let writer = tokio::spawn(async move {
+        let _ = server_w.write_all(sneaky.as_bytes()).await;
+        (server_w, sneaky)
+    });
+    let res = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("relay did not stop")
+        .expect("relay task");
+    assert!(matches!(res, Err(RelayError::ServerLineCut(_))), "{res:?}");
+    let (server_w, sneaky) = writer.await.expect("writer");
+    drop((client_w, server_r, server_w));
+    let got = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("client output did not end")
+        .expect("reader");
+    assert!(!got.is_empty(), "nothing was streamed");
+    assert!(
+        got.len() < sneaky.len() - 1,
+        "the line reached the client whole"
+    );
+    assert!(!got.contains(&b'\n'));
+    assert_eq!(&got[..], &sneaky.as_bytes()[..got.len()]);
+}
+
+#[tokio::test]
+async fn large_denied_request_is_withheld_whole() {
+    let mut p = (*policy(None)).clone();
+    p.mcp.sampling = crate::policy::model::Governance::Deny;
+    let hooks = Arc::new(Rec::default());
+    let mut r = rig(Arc::new(p), hooks.clone(), RelayOptions::default());
+    let req = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"sampling/createMessage\",\"params\":{{\"x\":\"{}\"}}}}\n",
+        "q".repeat(2 * stdio::STREAM_AFTER)
+    );
+    send(&mut r.server_w, &req).await;
+    let reply: Value = serde_json::from_str(&line(&mut r.server_r).await).expect("json");
+    assert_eq!(reply["id"], 3);
+    assert_eq!(reply["error"]["code"], REFUSED_CODE);
+    send(&mut r.server_w, &ok("4")).await;
+    // The next line the client sees is the one after the refused request.
+    assert_eq!(line(&mut r.client_r).await, ok("4"));
+    finish(r).await;
+}

@@ -16,7 +16,8 @@
 //!   `attached`, and keep them until end of input: the kernel's own cost of
 //!   a global syscall hook (the floor under the agent's sys_enter/sys_exit).
 //! - `server`: a minimal MCP server on stdio with tools `echo` (answers
-//!   "ok"), `big` ({"bytes": n}: answers n bytes of text) and `loop`
+//!   "ok"), `big` ({"bytes": n}: answers n bytes of text, serialized once and
+//!   written again for each call) and `loop`
 //!   ({"kind", "n", "port"}: runs the loop, answers its `ns_per_op`).
 //! - `client rtt N | ping N | big BYTES REPS | loop KIND N PORT -- CMD...`: drive
 //!   an MCP server (CMD, directly or under `mcp-warden run`) over its stdio.
@@ -121,7 +122,7 @@ fn server() {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut line = Vec::new();
-    let mut big_cache = String::new();
+    let mut big_line: (usize, Vec<u8>) = (usize::MAX, Vec::new());
     loop {
         line.clear();
         match input.read_until(b'\n', &mut line) {
@@ -147,16 +148,29 @@ fn server() {
                 {"name": "big", "inputSchema": {"type": "object"}},
                 {"name": "loop", "inputSchema": {"type": "object"}},
             ]}),
+            "tools/call" if msg["params"]["name"] == "big" => {
+                // The same n bytes every time: serialized once, so the
+                // figure is the transfer, not this server building 16 MB of
+                // JSON (which made the direct baseline slow and noisy).
+                let n = msg["params"]["arguments"]["bytes"].as_u64().unwrap_or(0) as usize;
+                if big_line.0 != n {
+                    let r = json!({"content": [{"type": "text", "text": "x".repeat(n)}]});
+                    big_line = (n, serde_json::to_vec(&r).unwrap_or_default());
+                }
+                let head = format!("{{\"id\":{id},\"jsonrpc\":\"2.0\",\"result\":");
+                let sent = out
+                    .write_all(head.as_bytes())
+                    .and_then(|()| out.write_all(&big_line.1))
+                    .and_then(|()| out.write_all(b"}\n"))
+                    .and_then(|()| out.flush());
+                if sent.is_err() {
+                    return;
+                }
+                continue;
+            }
             "tools/call" => {
                 let args = &msg["params"]["arguments"];
                 let text = match msg["params"]["name"].as_str().unwrap_or("") {
-                    "big" => {
-                        let n = args["bytes"].as_u64().unwrap_or(0) as usize;
-                        if big_cache.len() != n {
-                            big_cache = "x".repeat(n);
-                        }
-                        std::mem::take(&mut big_cache)
-                    }
                     "loop" => {
                         let (cpu, wall) = run_loop(
                             args["kind"].as_str().unwrap_or(""),
@@ -167,13 +181,7 @@ fn server() {
                     }
                     _ => "ok".to_string(),
                 };
-                let r = json!({"content": [{"type": "text", "text": text}]});
-                if let Some(t) = r["content"][0]["text"].as_str() {
-                    if t.len() > 1 << 20 {
-                        big_cache = t.to_string();
-                    }
-                }
-                r
+                json!({"content": [{"type": "text", "text": text}]})
             }
             _ => {
                 let e = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "no such method"}});
