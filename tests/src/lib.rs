@@ -173,6 +173,24 @@ impl Scenario {
         self.collect(warden_pid, out)
     }
 
+    /// Run `cmd` confined with its stdin held open until it exits, and
+    /// collect everything: a client that stays, so `run`'s grace period
+    /// after the client leaves (5 s) never ends a long workload early.
+    pub fn run_attached(&self, cmd: &[&str]) -> Run {
+        let mut child = self
+            .command(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mcp-warden");
+        let sin = child.stdin.take().expect("stdin");
+        let warden_pid = child.id();
+        let out: Output = child.wait_with_output().expect("wait mcp-warden");
+        drop(sin);
+        self.collect(warden_pid, out)
+    }
+
     pub fn collect(&self, warden_pid: u32, out: Output) -> Run {
         let events = read_events(&self.events);
         Run {

@@ -53,7 +53,8 @@ fn args<'a>(ops: &[&[&'a str]]) -> Vec<&'a str> {
 }
 
 fn probe(sc: &Scenario, ops: &[&[&str]]) -> Run {
-    let run = sc.run(&args(ops), b"");
+    // Floods take seconds on a loaded machine: keep the client attached.
+    let run = sc.run_attached(&args(ops));
     assert_eq!(run.status, 0, "probe failed: {run:?}");
     assert_no_leftover_cgroups(run.warden_pid);
     run
