@@ -103,6 +103,33 @@ pub struct Run {
 }
 
 impl Run {
+    /// On Linux 6.1 BPF-LSM's path mutation hooks cannot load (bpf_d_path is
+    /// refused there): Landlock keeps the mutation rights, refuses with
+    /// EACCES, and the started event's Landlock warnings say so. Elsewhere
+    /// the LSM hook refuses with EPERM. In the VM lane a kernel other than
+    /// 6.1 that leaves them to Landlock fails the test: a hook that stops
+    /// loading is a failure, not a second expectation.
+    pub fn mutations_by_landlock(&self) -> bool {
+        let started = self
+            .events
+            .iter()
+            .find(|e| e["kind"] == "server" && e["event"] == "started")
+            .unwrap_or_else(|| panic!("no started event: {self:?}"));
+        let by_landlock = started["confinement"]["landlock"]["warnings"]
+            .as_array()
+            .is_some_and(|w| {
+                w.iter()
+                    .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
+            });
+        if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
+            assert!(
+                !by_landlock,
+                "path hooks not in force on this kernel: {self:?}"
+            );
+        }
+        by_landlock
+    }
+
     /// stdout lines (the probe prints one per operation).
     pub fn lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.stdout)
@@ -153,15 +180,19 @@ impl Scenario {
         c
     }
 
-    /// Run `cmd` confined, feeding `stdin`, and collect everything.
-    pub fn run(&self, cmd: &[&str], stdin: &[u8]) -> Run {
-        let mut child = self
-            .command(cmd)
+    /// Start `cmd` confined with stdin, stdout and stderr piped.
+    pub fn spawn_piped(&self, cmd: &[&str]) -> std::process::Child {
+        self.command(cmd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn mcp-warden");
+            .expect("spawn mcp-warden")
+    }
+
+    /// Run `cmd` confined, feeding `stdin`, and collect everything.
+    pub fn run(&self, cmd: &[&str], stdin: &[u8]) -> Run {
+        let mut child = self.spawn_piped(cmd);
         let mut sin = child.stdin.take().expect("stdin");
         let input = stdin.to_vec();
         let writer = std::thread::spawn(move || {
@@ -177,13 +208,7 @@ impl Scenario {
     /// collect everything: a client that stays, so `run`'s grace period
     /// after the client leaves (5 s) never ends a long workload early.
     pub fn run_attached(&self, cmd: &[&str]) -> Run {
-        let mut child = self
-            .command(cmd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mcp-warden");
+        let mut child = self.spawn_piped(cmd);
         let sin = child.stdin.take().expect("stdin");
         let warden_pid = child.id();
         let out: Output = child.wait_with_output().expect("wait mcp-warden");

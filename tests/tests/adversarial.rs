@@ -106,27 +106,6 @@ fn refused(fallback: bool, line: &str) -> bool {
     }
 }
 
-/// On Linux 6.1 BPF-LSM's path mutation hooks cannot load: Landlock keeps
-/// the mutation rights (docs/backend-lsm.md), and says so in the started
-/// event's Landlock warnings.
-fn mutations_by_landlock(run: &Run) -> bool {
-    let by_landlock = started(&run.events)["confinement"]["landlock"]["warnings"]
-        .as_array()
-        .is_some_and(|w| {
-            w.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
-        });
-    // Only Linux 6.1 may leave them to Landlock: a hook that stops loading
-    // elsewhere is a failure, not a second expectation.
-    if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
-        assert!(
-            !by_landlock,
-            "path hooks not in force on this kernel: {run:?}"
-        );
-    }
-    by_landlock
-}
-
 /// File refusals reported for `path` (any op).
 fn file_denials<'a>(run: &'a Run, path: &str) -> Vec<&'a Value> {
     run.events_where(&[
@@ -274,7 +253,7 @@ fn symlinks_and_hardlinks_to_denied_files() {
     let l = run.lines();
     let fb = is_fallback(&run);
     // Linux 6.1's BPF-LSM leaves links to Landlock (path_link cannot load).
-    let link_by_landlock = fb || mutations_by_landlock(&run);
+    let link_by_landlock = fb || run.mutations_by_landlock();
     assert!(refused(fb, &l[0]), "{run:?}");
     assert_eq!(l[1], "ok", "symlink creation in the writable tree: {run:?}");
     assert!(refused(fb, &l[2]), "open through the symlink: {run:?}");

@@ -98,27 +98,6 @@ fn probe(tag: &str, policy: &str, ops: &[&[&str]]) -> Option<Run> {
     Some(run)
 }
 
-/// On Linux 6.1 the path mutation hooks cannot name paths (bpf_d_path is
-/// refused there): Landlock keeps those rights, refuses with EACCES and the
-/// syscall audit reports it. Elsewhere the LSM hook refuses with EPERM.
-fn mutations_by_landlock(run: &Run) -> bool {
-    let by_landlock = started(run)["confinement"]["landlock"]["warnings"]
-        .as_array()
-        .is_some_and(|w| {
-            w.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.contains("creating, removing")))
-        });
-    // Only Linux 6.1 may leave them to Landlock: a hook that stops loading
-    // elsewhere is a failure, not a second expectation.
-    if std::env::var("MCP_WARDEN_VM_KERNEL").is_ok_and(|k| k != "6.1") {
-        assert!(
-            !by_landlock,
-            "path hooks not in force on this kernel: {run:?}"
-        );
-    }
-    by_landlock
-}
-
 fn deny_events<'a>(run: &'a Run, kind: &str, op: &str, path: &str) -> Vec<&'a Value> {
     run.events_where(&[
         ("kind", json!(kind)),
@@ -222,7 +201,7 @@ fn writes_need_write_rules() {
     ) else {
         return;
     };
-    if mutations_by_landlock(&run) {
+    if run.mutations_by_landlock() {
         // Linux 6.1: Landlock keeps the create right, and the deny inside
         // the write tree splits srv/out (the fallback's snapshot cost: no
         // new files directly in a split directory).
@@ -275,7 +254,7 @@ fn mutations() {
     ) else {
         return;
     };
-    let by_landlock = mutations_by_landlock(&run);
+    let by_landlock = run.mutations_by_landlock();
     let no = if by_landlock { EACCES } else { EPERM };
     let mut want = vec!["ok", no, "ok", no, "ok", no, "ok", "ok", no, no, "ok", no];
     let lines = run.lines();
@@ -289,7 +268,7 @@ fn mutations() {
         }
     }
     assert_eq!(lines, want, "{run:?}");
-    if mutations_by_landlock(&run) {
+    if run.mutations_by_landlock() {
         // Landlock refused; the syscall audit names the path as passed.
         assert_deny(&run, "file", "unlink", &format!("{r}/srv/a"));
         return;
@@ -342,7 +321,7 @@ fn hard_links_give_no_new_rights() {
         return;
     };
     let l = run.lines();
-    if mutations_by_landlock(&run) {
+    if run.mutations_by_landlock() {
         assert_eq!(
             l,
             vec!["errno=18", "errno=18", "errno=18", "ok", EACCES, "errno=2"],
