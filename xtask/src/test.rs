@@ -168,11 +168,6 @@ fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
         if let Some(f) = filter {
             cmd = cmd.arg(f);
         }
-        for (suite, test) in VM_SKIP {
-            if name.starts_with(&format!("{suite}-")) {
-                cmd = cmd.args(["--skip", test]);
-            }
-        }
         let status = cmd.current_dir(root).status()?;
         println!(
             "==== VM Linux {}: {name}: {} ({:.1} s)",
@@ -208,17 +203,6 @@ const VM_SUITES: [(&str, Option<&str>); 6] = [
     ("adversarial", None),
     ("learn", Some("dns_names")),
 ];
-
-/// Tests left out of the VM lane (suite, test name), each with its reason;
-/// they still run on the host.
-/// - agent_killed_mid_flood: in the VM (6.1 and 6.12) it did not finish
-///   within the guest's 1200 s, seen twice on a loaded host; not yet
-///   understood (it passed in an earlier VM run). Its subject (the guardian
-///   ending the tree through cgroup.kill) does not depend on BPF-LSM.
-const VM_SKIP: [(&str, &str); 1] = [(
-    "adversarial",
-    "agent_killed_mid_flood_leaves_nothing_unconfined",
-)];
 
 /// The kernel-dependent e2e test executables, built by `cargo test --no-run`.
 fn e2e_test_binaries(root: &Path) -> Result<Vec<(PathBuf, Option<&'static str>)>> {
