@@ -1233,10 +1233,10 @@ impl Handler for Agent {
                 Err(m) => control::err(m),
                 Ok(e) => match Self::call_end_of(&c) {
                     Err(m) => control::err(m),
-                    Ok(end) => {
-                        RelayHooks::call_end(&*e.session, &end).await;
-                        control::ok(json!({}))
-                    }
+                    Ok(end) => match RelayHooks::call_end(&*e.session, &end).await {
+                        Some(why) => control::ok(json!({"stopped": why})),
+                        None => control::ok(json!({})),
+                    },
                 },
             },
             Request::CallRefused(c) => match self.bound(peer, conn) {

@@ -339,10 +339,12 @@ impl Host {
             self.sinks.clone(),
             self.metrics.clone(),
             account_tx,
+            self.files_by(),
             state.epoch,
         )?);
         let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
         session.set_approvals(self.approvals.clone());
+        session.set_reader(self.control.clone());
         let mut reg = Registered {
             session,
             cgroup: Some(cg),
@@ -467,9 +469,11 @@ impl Host {
             self.sinks.clone(),
             self.metrics.clone(),
             account_tx,
+            self.files_by(),
         )?);
         let accountant = tokio::spawn(crate::session::run_accountant(session.clone(), account_rx));
         session.set_approvals(self.approvals.clone());
+        session.set_reader(self.control.clone());
         let mut reg = Registered {
             session,
             cgroup: Some(cg),

@@ -170,7 +170,7 @@ impl RelayHooks for AgentHooks {
         }
     }
 
-    fn call_end(&self, call: &CallEnd) -> impl std::future::Future<Output = ()> + Send {
+    fn call_end(&self, call: &CallEnd) -> impl std::future::Future<Output = Option<String>> + Send {
         let link = self.link.clone();
         let d = done(call);
         async move {
@@ -178,8 +178,16 @@ impl RelayHooks for AgentHooks {
                 v.retain(|c| c.call_id != d.call_id);
             }
             let id = d.call_id.clone();
-            if let Err(e) = link.request(&Request::CallEnd(d)).await {
-                log::error!("{}: ending call {id} at the agent: {e}", link.instance);
+            match link.request(&Request::CallEnd(d)).await {
+                // The agent stopped the server during the call: why.
+                Ok(reply) => reply
+                    .get("stopped")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string),
+                Err(e) => {
+                    log::error!("{}: ending call {id} at the agent: {e}", link.instance);
+                    None
+                }
             }
         }
     }

@@ -16,6 +16,7 @@ use mcp_warden_common::{decision, flags, Event, InstanceState, SERVER_BIT};
 use serde_json::Value;
 
 use crate::{
+    confine::landlock::FilesBy,
     events::{self, Attribution, InstanceInfo, Sinks, ToolCallRecord},
     kernel::{Kernel, KernelError},
     metrics::Metrics,
@@ -53,6 +54,9 @@ struct State {
     history: VecDeque<(u64, Vec<(Value, String)>)>,
     /// Epochs during which the closed-world restriction was in force.
     closed_world_epochs: std::collections::BTreeSet<u64>,
+    /// Epochs during which every call in flight was of a tool that
+    /// declared `readOnlyHint: true`.
+    read_only_epochs: std::collections::BTreeSet<u64>,
     /// Tool annotations from the server's tools/list.
     annotations: BTreeMap<String, crate::relay::ToolAnnotations>,
     /// Syscall accounting of calls in flight or ended and not yet drained,
@@ -102,6 +106,24 @@ pub struct Session {
     client: Mutex<Value>,
     /// Where calls of `[mcp] approval` tools wait for a person.
     approvals: std::sync::OnceLock<crate::approval::Approvals>,
+    /// Which layer holds the file rules on this host.
+    files_by: FilesBy,
+    /// Why the agent ended the server tree, once it did: the calls still in
+    /// flight are answered with this instead of the server's response.
+    stopped: Mutex<Option<String>>,
+    /// The event reader, asked to deliver everything the kernel wrote
+    /// before a watched call's response is forwarded.
+    reader: std::sync::OnceLock<tokio::sync::mpsc::Sender<events::reader::Control>>,
+}
+
+/// A reported file operation or exec, judged in userspace.
+struct Judged {
+    ev: Event,
+    /// The path as resolved, when it was.
+    resolved: Option<String>,
+    /// Enforce mode: the operation ran but broke a rule the kernel could
+    /// not hold (per-call file rules on the fallback, `readOnlyHint`); why.
+    violation: Option<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -127,6 +149,7 @@ impl Session {
         sinks: Arc<Mutex<Sinks>>,
         metrics: Metrics,
         account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+        files_by: FilesBy,
     ) -> Result<Self, SessionError> {
         Self::resume(
             kernel,
@@ -139,6 +162,7 @@ impl Session {
             sinks,
             metrics,
             account_tx,
+            files_by,
             0,
         )
     }
@@ -158,6 +182,7 @@ impl Session {
         sinks: Arc<Mutex<Sinks>>,
         metrics: Metrics,
         account_tx: tokio::sync::mpsc::UnboundedSender<()>,
+        files_by: FilesBy,
         epoch: u64,
     ) -> Result<Self, SessionError> {
         let mut fl = 0;
@@ -166,6 +191,9 @@ impl Session {
         }
         if policy.on_violation == OnViolation::Kill {
             fl |= flags::KILL;
+        }
+        if watches_tool_files(&policy, files_by) {
+            fl |= flags::REPORT_FILES;
         }
         let inst = InstanceState {
             instance_id,
@@ -192,6 +220,7 @@ impl Session {
                 in_flight: Vec::new(),
                 history,
                 closed_world_epochs: Default::default(),
+                read_only_epochs: Default::default(),
                 annotations: BTreeMap::new(),
                 acct: HashMap::new(),
             }),
@@ -202,7 +231,20 @@ impl Session {
             judging: Mutex::new(None),
             client: Mutex::new(Value::Null),
             approvals: std::sync::OnceLock::new(),
+            files_by,
+            stopped: Mutex::new(None),
+            reader: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Connect the session to the event reader (see [`Session::call_end`]).
+    pub fn set_reader(&self, tx: tokio::sync::mpsc::Sender<events::reader::Control>) {
+        let _ = self.reader.set(tx);
+    }
+
+    /// Why the agent ended the server tree, if it did.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().ok().and_then(|s| s.clone())
     }
 
     /// Audit mode: the launched command and its interpreter chain, which
@@ -371,19 +413,33 @@ impl Session {
         st.inst.active_mask = mask;
         st.inst.epoch += 1;
         // Declared capabilities: when every call in flight is of a tool that
-        // declared it touches no open world, egress is refused.
-        let closed = self.policy().mcp.enforce_annotations
-            && !st.in_flight.is_empty()
-            && st.in_flight.iter().all(|c| {
-                st.annotations.get(&c.tool).and_then(|a| a.open_world_hint) == Some(false)
-            });
+        // declared it touches no open world, egress is refused; when every
+        // one declared itself read-only, writes are.
+        let policy = self.policy();
+        let declared = |st: &State, f: fn(&crate::relay::ToolAnnotations) -> bool| {
+            policy.mcp.enforce_annotations
+                && !st.in_flight.is_empty()
+                && st
+                    .in_flight
+                    .iter()
+                    .all(|c| st.annotations.get(&c.tool).is_some_and(f))
+        };
+        let closed = declared(st, |a| a.open_world_hint == Some(false));
+        let read_only = declared(st, |a| a.read_only_hint == Some(true));
+        let e = st.inst.epoch;
+        set_flag(&mut st.inst.flags, flags::CLOSED_WORLD, closed);
         if closed {
-            st.inst.flags |= flags::CLOSED_WORLD;
-            let e = st.inst.epoch;
             st.closed_world_epochs.insert(e);
-        } else {
-            st.inst.flags &= !flags::CLOSED_WORLD;
         }
+        set_flag(&mut st.inst.flags, flags::READ_ONLY, read_only);
+        if read_only {
+            st.read_only_epochs.insert(e);
+        }
+        // Where the kernel cannot refuse the writes itself, they are
+        // reported and judged here.
+        let report = watches_tool_files(&policy, self.files_by)
+            || (read_only && policy.mode == Mode::Enforce && self.files_by != FilesBy::BpfLsm);
+        set_flag(&mut st.inst.flags, flags::REPORT_FILES, report);
         let calls = st
             .in_flight
             .iter()
@@ -392,6 +448,14 @@ impl Session {
         st.history.push_back((st.inst.epoch, calls));
         while st.history.len() > HISTORY {
             st.history.pop_front();
+        }
+        if let Some(&(oldest, _)) = st.history.front() {
+            if st.closed_world_epochs.first().is_some_and(|e| *e < oldest) {
+                st.closed_world_epochs = st.closed_world_epochs.split_off(&oldest);
+            }
+            if st.read_only_epochs.first().is_some_and(|e| *e < oldest) {
+                st.read_only_epochs = st.read_only_epochs.split_off(&oldest);
+            }
         }
         self.kernel
             .lock()
@@ -606,14 +670,15 @@ impl Session {
     /// A kernel event for this instance: attribute, record, count, act.
     pub fn on_kernel_event(&self, ev: &Event) {
         let attr = self.attribution(ev.epoch).unwrap_or_default();
-        // Audit mode: file and exec operations are judged here (the kernel
-        // only observed them); allowed ones are dropped unless asked for.
-        let Some((judged, resolved)) = self.judge_audit(ev, &attr) else {
+        // Reported file operations and execs are judged here (audit mode,
+        // and rules the kernel cannot hold per call); allowed ones are
+        // dropped unless asked for.
+        let Some(judged) = self.judge_reported(ev, &attr) else {
             return;
         };
-        let ev = &judged;
+        let ev = &judged.ev;
         let mut rec = events::kernel_record(ev, &self.info, &attr);
-        if let (Some(path), Value::Object(m)) = (resolved, &mut rec) {
+        if let (Some(path), Value::Object(m)) = (judged.resolved, &mut rec) {
             if let Some(Value::String(passed)) = m.get("path").cloned() {
                 if passed != path {
                     m.insert("path_as_passed".into(), Value::String(passed));
@@ -622,17 +687,38 @@ impl Session {
             m.insert("path".into(), Value::String(path));
         }
         self.stamp(&mut rec);
-        let closed = self
+        let (closed, read_only) = self
             .state
             .lock()
-            .map(|st| st.closed_world_epochs.contains(&ev.epoch))
-            .unwrap_or(false);
-        if closed && ev.kind == mcp_warden_common::kind::NET && ev.decision != decision::ALLOW {
-            if let Value::Object(m) = &mut rec {
+            .map(|st| {
+                (
+                    st.closed_world_epochs.contains(&ev.epoch),
+                    st.read_only_epochs.contains(&ev.epoch),
+                )
+            })
+            .unwrap_or((false, false));
+        if let Value::Object(m) = &mut rec {
+            use mcp_warden_common::kind;
+            if closed && ev.kind == kind::NET && ev.decision != decision::ALLOW {
                 m.insert(
                     "reason".into(),
                     Value::String("the tool declared openWorldHint: false".into()),
                 );
+            }
+            let write = ev.kind == kind::FILE
+                && (ev.op != mcp_warden_common::op::OPEN || open_writes(ev.protocol));
+            if read_only && write && ev.decision != decision::ALLOW && judged.violation.is_none() {
+                m.insert("reason".into(), Value::String(READ_ONLY_REASON.into()));
+            }
+            if let Some(why) = &judged.violation {
+                // The kernel let it run: say so, and what was done instead.
+                m.insert("reason".into(), Value::String(why.clone()));
+                m.insert("refused".into(), Value::Bool(false));
+                m.insert("action".into(), Value::String("kill".into()));
+            } else if ev.decision == decision::DENY
+                && self.policy().on_violation == OnViolation::Kill
+            {
+                m.insert("action".into(), Value::String("kill".into()));
             }
         }
         if ev.decision != decision::ALLOW {
@@ -649,35 +735,81 @@ impl Session {
         if let Ok(mut s) = self.sinks.lock() {
             s.emit(&rec);
         }
-        if ev.decision == decision::DENY && self.policy().on_violation == OnViolation::Kill {
+        if let Some(why) = judged.violation {
+            log::warn!(
+                "{}: killing the server tree: {why} ({} {})",
+                self.info.instance,
+                events::op_name(ev.op),
+                rec.get("path").and_then(Value::as_str).unwrap_or("?")
+            );
+            self.stop(&why);
+        } else if ev.decision == decision::DENY && self.policy().on_violation == OnViolation::Kill {
             log::warn!(
                 "{}: killing the server tree (on_violation = kill)",
                 self.info.instance
             );
-            self.kill_tree("on_violation = kill");
+            self.stop(&format!(
+                "on_violation = kill: a {} {} was refused",
+                events::kind_name(ev.kind),
+                events::op_name(ev.op)
+            ));
         }
     }
 
-    /// Audit mode (`mode = "audit"`): the kernel reported a file operation
-    /// or an exec without judging it (no Landlock ruleset is applied). Judge
-    /// it against the server's rules and those of the tools in flight: a
-    /// would-be denial becomes `decision = audit`. Returns the event to
-    /// record and the resolved path, or None to drop an allowed operation
-    /// (unless EMIT_ALLOWED asks for those). Other events pass unchanged.
-    fn judge_audit(&self, ev: &Event, attr: &Attribution) -> Option<(Event, Option<String>)> {
+    /// End the tree for a violation, remembering why for the relay.
+    fn stop(&self, why: &str) {
+        if let Ok(mut s) = self.stopped.lock() {
+            s.get_or_insert_with(|| why.to_string());
+        }
+        self.kill_tree(why);
+    }
+
+    /// A file operation or exec the kernel reported without judging it
+    /// (it succeeded). Judged here against the server's rules and those of
+    /// the tools in flight when it ran:
+    /// - audit mode (no Landlock ruleset): a would-be denial becomes
+    ///   `decision = audit`;
+    /// - enforce mode where the kernel cannot narrow file rules per call
+    ///   (`flags::REPORT_FILES`): an operation that only a tool not in
+    ///   flight may do, or a write while every call in flight is of a tool
+    ///   that declared `readOnlyHint: true`, is a violation: the caller
+    ///   records it as a denial the kernel did not refuse and ends the tree.
+    ///
+    /// Returns None to drop an allowed operation (unless EMIT_ALLOWED asks
+    /// for those). Other events pass unchanged.
+    fn judge_reported(&self, ev: &Event, attr: &Attribution) -> Option<Judged> {
         use crate::policy::judge::{allowed, Access};
         use mcp_warden_common::{kind, op};
+        let pass = Some(Judged {
+            ev: *ev,
+            resolved: None,
+            violation: None,
+        });
         let file = ev.kind == kind::FILE && ev.decision == decision::ALLOW;
         let exec = ev.kind == kind::PROC && ev.op == op::EXEC;
+        if !(file || exec) {
+            return pass;
+        }
         let policy = self.policy();
-        if policy.mode != Mode::Audit || !(file || exec) {
-            return Some((*ev, None));
+        let read_only = self
+            .state
+            .lock()
+            .map(|st| st.read_only_epochs.contains(&ev.epoch))
+            .unwrap_or(false);
+        let audit = policy.mode == Mode::Audit;
+        let watch = !audit
+            && self.files_by != FilesBy::BpfLsm
+            && (watches_tool_files(&policy, self.files_by) || (read_only && file));
+        if !audit && !watch {
+            return pass;
         }
         // BPF-LSM judged opens and execs itself (and reported what it would
         // refuse): what reaches here from the syscall exit was allowed.
-        let lsm = self.info.backend == crate::kernel::lsm::BACKEND_LSM;
-        if lsm && (exec || ev.op == op::OPEN) {
-            return (exec || !self.emit_allowed_off()).then_some((*ev, None));
+        if self.files_by != FilesBy::Landlock && (exec || ev.op == op::OPEN) {
+            if exec || !self.emit_allowed_off() {
+                return pass;
+            }
+            return None;
         }
         let passed = {
             let end = ev
@@ -690,62 +822,123 @@ impl Session {
         let follow = exec || ev.op == op::OPEN;
         let dirfd = if exec { -100 } else { ev.family as i32 };
         let resolved = events::resolve::resolve(ev.pid, dirfd, &passed, follow);
+        let writes = file && (ev.op != op::OPEN || open_writes(ev.protocol));
         let accesses: &[Access] = if exec {
             &[Access::Exec]
         } else if ev.op == op::OPEN {
             let fl = ev.protocol as i32;
-            let write = fl & (libc::O_CREAT | libc::O_TRUNC) != 0;
             match fl & libc::O_ACCMODE {
                 libc::O_WRONLY => &[Access::Write],
                 libc::O_RDWR => &[Access::Read, Access::Write],
-                _ if write => &[Access::Read, Access::Write],
+                _ if writes => &[Access::Read, Access::Write],
                 _ => &[Access::Read],
             }
         } else {
             &[Access::Write]
         };
-        let judging = {
-            use crate::policy::judge::with_real_paths;
-            let mut j = match self.judging.lock() {
-                Ok(j) => j,
-                Err(p) => p.into_inner(),
-            };
-            // Built once per policy (a reload brings a new one).
-            match &*j {
-                Some(cur) if Arc::ptr_eq(&cur.0, &policy) => cur.clone(),
-                _ => {
-                    let built = Arc::new((
-                        with_real_paths(&policy.rules),
-                        policy
-                            .tools
-                            .iter()
-                            .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
-                            .collect::<Vec<_>>(),
-                    ));
-                    *j = Some((policy.clone(), built.clone()));
-                    (policy.clone(), built)
-                }
-            }
-        };
-        let (server_rules, tool_rules) = &*judging.1;
-        let sets: Vec<&crate::policy::Rules> =
+        let judging = self.judging_rules(&policy);
+        let (server_rules, tool_rules) = &*judging;
+        let in_flight: Vec<&crate::policy::Rules> =
             std::iter::once(server_rules)
                 .chain(attr.calls.iter().filter_map(|(_, tool)| {
                     tool_rules.iter().find(|(n, _)| n == tool).map(|(_, r)| r)
                 }))
                 .collect();
         let launched = self.launched.lock().map(|l| l.clone()).unwrap_or_default();
-        // An unresolvable path cannot be shown to be allowed.
-        let ok = resolved
-            .as_deref()
-            .is_some_and(|p| accesses.iter().all(|a| allowed(&sets, p, *a, &launched)));
+        let by = |sets: &[&crate::policy::Rules], p: &str| {
+            accesses.iter().all(|a| allowed(sets, p, *a, &launched))
+        };
+        let ro_broken = read_only
+            && writes
+            && !resolved
+                .as_deref()
+                .is_some_and(crate::policy::judge::pseudo_fs);
         let mut out = *ev;
-        if !ok {
-            out.decision = decision::AUDIT;
-        } else if file && self.emit_allowed_off() {
+        if audit {
+            // An unresolvable path cannot be shown to be allowed.
+            let ok = !ro_broken && resolved.as_deref().is_some_and(|p| by(&in_flight, p));
+            if !ok {
+                out.decision = decision::AUDIT;
+            } else if file && self.emit_allowed_off() {
+                return None;
+            }
+            return Some(Judged {
+                ev: out,
+                resolved,
+                violation: None,
+            });
+        }
+        // Enforce mode: Landlock already refused what no rule of the server
+        // or of any tool allows; what is judged here is what it had to let
+        // through for the sake of a tool not in flight.
+        let violation = if ro_broken {
+            Some(READ_ONLY_REASON.to_string())
+        } else {
+            match resolved.as_deref() {
+                None => Some(format!(
+                    "the path {passed:?} could not be resolved while per-call file rules are held by \
+                     detection: it cannot be shown to be allowed"
+                )),
+                Some(p) if !by(&in_flight, p) => {
+                    let all: Vec<&crate::policy::Rules> = std::iter::once(server_rules)
+                        .chain(tool_rules.iter().map(|(_, r)| r))
+                        .collect();
+                    by(&all, p).then(|| {
+                        format!(
+                            "only a tool not in flight may {} it (per-call file rules are held by \
+                             detection and the kill action on this backend)",
+                            if exec {
+                                "run"
+                            } else if writes {
+                                "write"
+                            } else {
+                                "read"
+                            }
+                        )
+                    })
+                }
+                Some(_) => None,
+            }
+        };
+        if violation.is_none() && file && self.emit_allowed_off() {
             return None;
         }
-        Some((out, resolved))
+        if violation.is_some() {
+            out.decision = decision::DENY;
+        }
+        Some(Judged {
+            ev: out,
+            resolved,
+            violation,
+        })
+    }
+
+    /// The server's and each tool's rules with their real paths, built once
+    /// per policy (a reload brings a new one).
+    fn judging_rules(
+        &self,
+        policy: &Arc<Policy>,
+    ) -> Arc<(crate::policy::Rules, Vec<(String, crate::policy::Rules)>)> {
+        use crate::policy::judge::with_real_paths;
+        let mut j = match self.judging.lock() {
+            Ok(j) => j,
+            Err(p) => p.into_inner(),
+        };
+        match &*j {
+            Some(cur) if Arc::ptr_eq(&cur.0, policy) => cur.1.clone(),
+            _ => {
+                let built = Arc::new((
+                    with_real_paths(&policy.rules),
+                    policy
+                        .tools
+                        .iter()
+                        .map(|t| (t.name.clone(), with_real_paths(&t.rules)))
+                        .collect::<Vec<_>>(),
+                ));
+                *j = Some((policy.clone(), built.clone()));
+                built
+            }
+        }
     }
 
     fn emit_allowed_off(&self) -> bool {
@@ -872,8 +1065,23 @@ impl crate::relay::RelayHooks for Session {
     fn call_end(
         &self,
         call: &crate::relay::CallEnd,
-    ) -> impl std::future::Future<Output = ()> + Send {
+    ) -> impl std::future::Future<Output = Option<String>> + Send {
         let id = id_value(&call.id);
+        // File operations the kernel only reported (REPORT_FILES) are
+        // judged before the response is forwarded: the event reader delivers
+        // everything written so far (the server's operations of this call
+        // happened before it wrote its response), so a violation ends the
+        // tree and the response is withheld.
+        let watched = self
+            .state
+            .lock()
+            .map(|st| st.inst.flags & flags::REPORT_FILES != 0)
+            .unwrap_or(true);
+        let reader = if watched {
+            self.reader.get().cloned()
+        } else {
+            None
+        };
         if let Err(e) = Session::call_end(self, &id) {
             log::error!(
                 "{}: withdrawing the rights of call {id}: {e}",
@@ -896,7 +1104,15 @@ impl crate::relay::RelayHooks for Session {
         });
         // Counting happens off the relay's path.
         let _ = self.account_tx.send(());
-        async {}
+        async move {
+            if let Some(tx) = reader {
+                let (ack, done) = tokio::sync::oneshot::channel();
+                if tx.send(events::reader::Control::Drain(ack)).await.is_ok() {
+                    let _ = done.await;
+                }
+            }
+            self.stopped()
+        }
     }
 
     fn call_refused(&self, call: &crate::relay::CallStart, reason: &str) {
@@ -1047,4 +1263,37 @@ fn annotations_json(a: &crate::relay::ToolAnnotations) -> Value {
         "idempotentHint": a.idempotent_hint,
         "openWorldHint": a.open_world_hint,
     })
+}
+
+/// Why a write during a read-only call is a violation.
+const READ_ONLY_REASON: &str = "the tool declared readOnlyHint: true";
+
+fn set_flag(flags: &mut u32, flag: u32, on: bool) {
+    if on {
+        *flags |= flag;
+    } else {
+        *flags &= !flag;
+    }
+}
+
+/// Does an open with these flags write (or create, or truncate)?
+fn open_writes(open_flags: u32) -> bool {
+    let fl = open_flags as i32;
+    fl & libc::O_ACCMODE != libc::O_RDONLY || fl & (libc::O_CREAT | libc::O_TRUNC) != 0
+}
+
+/// Enforce mode where the kernel cannot narrow file rights per call (the
+/// fallback, and Linux 6.1's mutations) and some tool has file or exec
+/// rules of its own: successful file operations are reported and judged
+/// per call ([`flags::REPORT_FILES`]).
+fn watches_tool_files(policy: &Policy, files_by: FilesBy) -> bool {
+    policy.mode == Mode::Enforce
+        && files_by != FilesBy::BpfLsm
+        && policy.tools.iter().any(|t| {
+            let f = &t.rules.files;
+            !(f.read.is_empty()
+                && f.write.is_empty()
+                && f.deny.is_empty()
+                && t.rules.exec.allow.is_empty())
+        })
 }

@@ -86,6 +86,18 @@ pub mod flags {
     /// false`: network egress (connect, sendmsg) is refused even where the
     /// rules allow it.
     pub const CLOSED_WORLD: u32 = 1 << 3;
+    /// Enforce mode where the kernel cannot narrow file rights per call
+    /// (fallback backend; Linux 6.1's mutations): successful file
+    /// operations are reported too, and userspace ends the tree when one
+    /// used a right that only a tool not in flight holds, or broke
+    /// `READ_ONLY`.
+    pub const REPORT_FILES: u32 = 1 << 4;
+    /// Every call in flight is of a tool that declared `readOnlyHint:
+    /// true`: file writes and mutations are refused (BPF-LSM) or reported
+    /// as violations (with `REPORT_FILES`), even where the rules allow
+    /// them. Character devices and /proc are not the filesystem a tool
+    /// changes: writes there are not judged by this flag.
+    pub const READ_ONLY: u32 = 1 << 5;
 }
 
 /// Value of `mw_instances`, keyed by the instance's cgroup id (u64, the

@@ -12,8 +12,9 @@
 //! directory; the dirfd rides in the event's `family` field, AT_FDCWD when
 //! none).
 //!
-//! Audit mode (`flags::AUDIT`, no Landlock ruleset applied) and learn mode
-//! (`flags::EMIT_ALLOWED`): successful file operations are reported too,
+//! Audit mode (`flags::AUDIT`, no Landlock ruleset applied), learn mode
+//! (`flags::EMIT_ALLOWED`) and per-call file rules the kernel cannot
+//! narrow (`flags::REPORT_FILES`): successful file operations are reported too,
 //! with `decision = allow`; userspace judges them against the policy's file
 //! rules and turns a would-be denial into `audit`. A successful exec is not
 //! reported here (the old image's path pointer is gone by sys_exit):
@@ -256,7 +257,7 @@ pub fn mw_sys_exit(ctx: RawTracePointContext) -> i32 {
     };
     // Successes only in audit or learn mode, and never a successful exec
     // (see the module comment).
-    let wants_allowed = st.flags & (flags::AUDIT | flags::EMIT_ALLOWED) != 0;
+    let wants_allowed = st.flags & (flags::AUDIT | flags::EMIT_ALLOWED | flags::REPORT_FILES) != 0;
     if !refused && !wants_allowed {
         return 0;
     }

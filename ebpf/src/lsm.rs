@@ -148,6 +148,10 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
     if s.buf[0] != b'/' {
         return true;
     }
+    // A tool that declared `readOnlyHint: true` changes nothing on disk.
+    if acc == access::WRITE && st.flags & flags::READ_ONLY != 0 && !pseudo_fs(s) {
+        return false;
+    }
     if !set_key(s, st, len) {
         return false;
     }
@@ -155,6 +159,18 @@ fn allowed(s: &mut Scratch, st: &InstanceState, len: usize, acc: usize) -> bool 
         Some(rule) => rule.allows(acc, st.active_mask),
         None => false,
     }
+}
+
+/// /proc/... or /dev/... other than /dev/shm/...: device nodes and kernel
+/// interfaces, not files a read-only tool could change (`/dev/null`,
+/// `/dev/tty`, `/proc/self/...`).
+#[inline(always)]
+fn pseudo_fs(s: &Scratch) -> bool {
+    let b = &s.buf;
+    let proc = b[1] == b'p' && b[2] == b'r' && b[3] == b'o' && b[4] == b'c' && b[5] == b'/';
+    let dev = b[1] == b'd' && b[2] == b'e' && b[3] == b'v' && b[4] == b'/';
+    let shm = b[5] == b's' && b[6] == b'h' && b[7] == b'm' && b[8] == b'/';
+    proc || (dev && !shm)
 }
 
 /// The lookup key for the first `len` bytes of the scratch path (at most
@@ -406,7 +422,7 @@ pub fn mw_path_link(ctx: LsmContext) -> i32 {
     } else {
         0
     };
-    let writable = new_rights & (1 << access::WRITE) != 0;
+    let writable = new_rights & (1 << access::WRITE) != 0 && st.flags & flags::READ_ONLY == 0;
     // Refused (or, in audit mode, reported and judged further).
     if verdict(s, cg, &st, writable, what, n) != 0 {
         return -EPERM;

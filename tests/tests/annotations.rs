@@ -74,3 +74,103 @@ fn closed_world_tools_get_no_egress_and_changes_are_reported() {
     );
     assert_eq!(changed[0]["after"]["offline_lookup"]["openWorldHint"], true);
 }
+
+/// A tool that declared `readOnlyHint: true` changes nothing on disk, even
+/// where the server's rules allow writing: BPF-LSM refuses the write
+/// (EPERM); the fallback cannot refuse it (Landlock holds the server's
+/// rules for the whole run), so the agent judges it, ends the tree and
+/// answers the call with the reason. `enforce_annotations = false` turns
+/// this off.
+#[test]
+fn a_read_only_tool_may_not_write() {
+    let dir = mcp_warden_tests::TempDir::new("annot-ro");
+    let data = std::fs::canonicalize(dir.path()).expect("dir");
+    let target = data.join("notes.txt");
+    std::fs::write(&target, b"").expect("write");
+    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
+    let read = python_read_rules().replacen(
+        "read = [",
+        &format!("read = [{:?}, ", format!("{}/**", venv.display())),
+        1,
+    );
+    let policy = |extra: &str| {
+        format!(
+            "version = 1\nserver = \"annotated-ro\"\n\n[files]\n{read}\nwrite = [{:?}]\n{extra}",
+            format!("{}/**", data.display())
+        )
+    };
+    let server = [
+        venv_python().display().to_string(),
+        repo_root()
+            .join("tests/fixtures/sdk/tool_server.py")
+            .display()
+            .to_string(),
+    ];
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    let path = target.display().to_string();
+    let steps = json!([
+        {"list": true},
+        {"tool": "write_file", "args": {"path": path}},
+        {"tool": "inspect_file", "args": {"path": path}},
+    ]);
+
+    let sc = Scenario::new("annot-ro", &policy(""));
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    let backend = run
+        .events_where(&[("event", json!("started"))])
+        .first()
+        .map(|e| e["backend"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(
+        results[1]["text"], "ok",
+        "write_file may write: {results:#?}\n{run:?}"
+    );
+    let denied = run.events_where(&[
+        ("kind", json!("file")),
+        ("decision", json!("deny")),
+        ("path", json!(path)),
+    ]);
+    assert_eq!(denied.len(), 1, "{:#?}", run.events);
+    let e = denied[0];
+    assert_eq!(e["tool"], "inspect_file", "{e}");
+    assert!(e["call_id"].is_number(), "{e}");
+    assert_eq!(e["reason"], "the tool declared readOnlyHint: true", "{e}");
+    let written = std::fs::read(&target).expect("read back");
+    if backend == "bpf-lsm" {
+        assert_eq!(results[2]["text"], "errno=1", "{results:#?}");
+        assert_eq!(written, b"x", "the refused write changed the file");
+        assert!(e.get("refused").is_none(), "{e}");
+    } else {
+        assert_eq!(backend, "fallback", "{run:?}");
+        assert_eq!(results[2]["ok"], false, "{results:#?}");
+        let err = results[2]["error"].as_str().unwrap_or("");
+        assert!(
+            err.contains("the server was stopped: the tool declared readOnlyHint: true"),
+            "{results:#?}"
+        );
+        assert_eq!(e["refused"], false, "{e}");
+        assert_eq!(e["action"], "kill", "{e}");
+        // Detected, not refused: the byte is there (docs/policy.md).
+        assert_eq!(written, b"xx");
+    }
+
+    // Switched off: the declared hint is not held.
+    std::fs::write(&target, b"").expect("write");
+    let sc = Scenario::new(
+        "annot-ro-off",
+        &policy("\n[mcp]\nenforce_annotations = false\n"),
+    );
+    let (results, run) = sdk_drive(&sc, &steps, &server);
+    assert_eq!(results[2]["text"], "ok", "{results:#?}\n{run:?}");
+    assert!(
+        run.events_where(&[("decision", json!("deny")), ("path", json!(path))])
+            .is_empty(),
+        "{results:#?}\n{:#?}",
+        run.events
+    );
+    assert_eq!(
+        std::fs::read(&target).expect("read back"),
+        b"xx",
+        "{results:#?}"
+    );
+}

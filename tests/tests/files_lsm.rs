@@ -575,8 +575,9 @@ fn ptrace_of_a_process_moved_out_of_the_instance() {
 }
 
 /// Per tool, through the relay and the official MCP Python SDK: a tool's
-/// file right holds only while a call of that tool is in flight (the
-/// kernel's rule masks, switched per call).
+/// file right holds only while a call of that tool is in flight (BPF-LSM:
+/// the kernel's rule masks, switched per call; fallback: detected per call
+/// and answered with the kill action, the response withheld).
 #[test]
 fn a_tools_file_right_holds_only_during_its_calls() {
     let t = tree("lsm-tool");
@@ -611,8 +612,28 @@ fn a_tools_file_right_holds_only_during_its_calls() {
     let (results, run) = sdk_drive(&sc, &steps, &cmd);
     if started(&run)["backend"] != "bpf-lsm" {
         // Fallback: Landlock holds the union of the tools' rules, so the
-        // per-call narrowing of files is the BPF-LSM backend's.
-        eprintln!("files_lsm: fallback backend here; per-tool file rights need the VM lane");
+        // read runs; the agent judges it per call, ends the tree, and the
+        // client gets the reason instead of the file's content.
+        assert_eq!(results[0]["text"], "ok", "{results:#?}\n{run:?}");
+        assert_eq!(results[1]["ok"], false, "{results:#?}\n{run:?}");
+        let err = results[1]["error"].as_str().unwrap_or("");
+        assert!(
+            err.contains("the server was stopped") && err.contains("only a tool not in flight"),
+            "{results:#?}"
+        );
+        // The server is gone: nothing more runs.
+        assert!(
+            results.get(2).is_none_or(|r| r["ok"] == false),
+            "{results:#?}"
+        );
+        let ev = deny_events(&run, "file", "open", &f);
+        assert_eq!(ev.len(), 1, "{:#?}", run.events);
+        let e = &ev[0];
+        assert_eq!(e["backend"], "fallback", "{e}");
+        assert_eq!(e["tool"], "peek_file", "{e}");
+        assert!(e["call_id"].is_number(), "{e}");
+        assert_eq!(e["refused"], false, "{e}");
+        assert_eq!(e["action"], "kill", "{e}");
         return;
     }
     assert_eq!(results.len(), 3, "results {results:#?}\nrun {run:?}");

@@ -195,11 +195,12 @@ fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
 /// so the VM runs its DNS test (the cgroup_skb answer copy on the VM
 /// kernels, audit mode on BPF-LSM); all of learn passed there by hand
 /// (docs/backend-lsm.md).
-const VM_SUITES: [(&str, Option<&str>); 6] = [
+const VM_SUITES: [(&str, Option<&str>); 7] = [
     ("net", None),
     ("unix", None),
     ("per_tool", None),
     ("files_lsm", None),
+    ("annotations", None),
     ("adversarial", None),
     ("learn", Some("dns_names")),
 ];

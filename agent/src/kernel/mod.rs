@@ -731,7 +731,7 @@ impl Kernel {
 
 /// Does this instance want successful file operations reported?
 fn wants_allowed(st: &InstanceState) -> bool {
-    st.flags & (flags::AUDIT | flags::EMIT_ALLOWED) != 0
+    st.flags & (flags::AUDIT | flags::EMIT_ALLOWED | flags::REPORT_FILES) != 0
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

@@ -77,6 +77,13 @@ pub fn allowed(sets: &[&Rules], path: &str, access: Access, implicit_exec: &[Str
     }
 }
 
+/// Device nodes and kernel interfaces (`/dev/...` other than `/dev/shm/...`,
+/// `/proc/...`): writing them changes no file, so a tool that declared
+/// `readOnlyHint: true` may (as the BPF-LSM hooks judge it).
+pub fn pseudo_fs(path: &str) -> bool {
+    path.starts_with("/proc/") || (path.starts_with("/dev/") && !path.starts_with("/dev/shm/"))
+}
+
 /// `r` with every path rule also under its real path (symlinks resolved),
 /// as Landlock and the LSM hooks see it: a rule on `/lib/**` must match
 /// `/usr/lib/...` on a merged-/usr system, since judged paths are resolved.

@@ -83,7 +83,12 @@ pub trait RelayHooks: Send + Sync + 'static {
     /// whose begin future was dropped because the relay stopped, and the
     /// already-begun calls of a batch refused when a later begin failed
     /// (outcome `Refused`).
-    fn call_end(&self, call: &CallEnd) -> impl Future<Output = ()> + Send;
+    ///
+    /// Returns why the agent ended the server tree, when it did (a
+    /// violation the kernel could only report, or `on_violation = kill`):
+    /// the message that ended the call is then withheld and the client gets
+    /// an error response naming the reason instead.
+    fn call_end(&self, call: &CallEnd) -> impl Future<Output = Option<String>> + Send;
 
     /// A call the relay answered itself with an error (code
     /// [`REFUSED_CODE`]), never forwarded. `call.tool` is empty when the

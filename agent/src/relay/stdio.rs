@@ -183,8 +183,20 @@ where
         Err(RelayError::ServerLineCut(_)) => "server line withheld",
     };
     let ends = shared.lock().tracker.end_all(Outcome::Error, detail);
+    let mut stopped = Vec::new();
     for end in &ends {
-        shared.hooks.call_end(end).await;
+        if let Some(why) = shared.hooks.call_end(end).await {
+            stopped.extend(stopped_reply(
+                shared.policy,
+                std::slice::from_ref(end),
+                &why,
+            ));
+        }
+    }
+    // The agent ended the server: its calls get the reason, not silence
+    // (only between whole lines: after a withheld line, nothing more).
+    if !stopped.is_empty() && result.is_ok() {
+        shared.write_client(&stopped).await;
     }
     let flushed = shared.client_out.lock().await.flush().await;
     let mut st = shared.lock();
@@ -243,11 +255,16 @@ impl<H: RelayHooks, CW: AsyncWrite + Unpin + Send> Shared<'_, H, CW> {
         }
     }
 
-    async fn end_calls(&self, ends: &[CallEnd]) {
+    /// End the calls; returns why the agent stopped the server, if it did.
+    async fn end_calls(&self, ends: &[CallEnd]) -> Option<String> {
+        let mut stopped = None;
         for end in ends {
-            self.hooks.call_end(end).await;
+            if let Some(why) = self.hooks.call_end(end).await {
+                stopped = Some(why);
+            }
         }
         self.lock().stats.calls_ended += ends.len() as u64;
+        stopped
     }
 }
 
@@ -809,6 +826,25 @@ pub(super) fn governance_reply(policy: &Policy, request_ids: &[(Value, String)])
     }
 }
 
+/// The relay's answer, in place of the server's, to calls that ended while
+/// the agent stopped the server: one error response line per call.
+pub(super) fn stopped_reply(policy: &Policy, ends: &[CallEnd], why: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in ends {
+        let reason = format!("the server was stopped: {why}");
+        let v = error_response(
+            policy,
+            &e.id.to_json(),
+            "tools/call",
+            Some(&e.tool),
+            &reason,
+        );
+        out.extend_from_slice(v.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
 fn error_response(
     policy: &Policy,
     id: &Value,
@@ -978,7 +1014,14 @@ where
                     };
                     let end = sh.lock().tracker.end(&id, outcome, l.scan.bytes(), None);
                     if let Some(end) = end {
-                        sh.end_calls(std::slice::from_ref(&end)).await;
+                        if let Some(why) = sh.end_calls(std::slice::from_ref(&end)).await {
+                            // Its start is with the client already: stop
+                            // relaying rather than finish it (fail closed).
+                            return Err(RelayError::ServerLineCut(format!(
+                                "the agent stopped the server ({why}); the rest of its \
+                                 response was withheld"
+                            )));
+                        }
                     }
                 }
             }
@@ -1031,7 +1074,7 @@ where
                 }
             };
             // Rights are withdrawn before the client can see the result.
-            sh.end_calls(&effects.ends).await;
+            let stopped = sh.end_calls(&effects.ends).await;
             if let Some(s) = &effects.session {
                 sh.hooks.session_info(s);
             }
@@ -1043,6 +1086,23 @@ where
             }
             let streamed = long.take();
             let sent = streamed.as_ref().map_or(0, |l| l.sent);
+            if let Some(why) = stopped {
+                // The agent ended the server during these calls (a
+                // violation judged after the kernel let it run): what the
+                // server answered is withheld, the client gets the reason.
+                if sent > 0 {
+                    return Err(RelayError::ServerLineCut(format!(
+                        "the agent stopped the server ({why}); the rest of its response was \
+                         withheld"
+                    )));
+                }
+                drop(streamed);
+                sh.write_client(&stopped_reply(sh.policy, &effects.ends, &why))
+                    .await;
+                let mut st = sh.lock();
+                st.stats.refused += 1;
+                return Ok(());
+            }
             if effects
                 .governed
                 .iter()

@@ -35,6 +35,8 @@ struct Rec {
     begin_delay: Duration,
     end_delay: Duration,
     fail_begin: bool,
+    /// Every call_end answers that the agent stopped the server for this.
+    stopped: Option<String>,
 }
 
 impl Rec {
@@ -59,7 +61,7 @@ impl RelayHooks for Rec {
         Ok(())
     }
 
-    async fn call_end(&self, call: &CallEnd) {
+    async fn call_end(&self, call: &CallEnd) -> Option<String> {
         tokio::time::sleep(self.end_delay).await;
         self.push(format!(
             "end {} {} {}",
@@ -68,6 +70,7 @@ impl RelayHooks for Rec {
             call.outcome.as_str()
         ));
         self.ends.lock().expect("ends").push(call.clone());
+        self.stopped.clone()
     }
 
     fn call_refused(&self, call: &CallStart, reason: &str) {
@@ -415,6 +418,33 @@ async fn call_begin_completes_before_the_server_sees_the_request() {
         hooks.has("begin 1 read_file"),
         "server saw the call before rights were in force"
     );
+    finish(r).await;
+}
+
+/// The agent stopped the server during a call (a violation it could only
+/// detect): the server's response is withheld and the client gets an error
+/// that names the reason and the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_servers_response_is_withheld_and_the_client_told_why() {
+    let hooks = Arc::new(Rec {
+        stopped: Some("only a tool not in flight may read it".into()),
+        ..Rec::default()
+    });
+    let mut r = rig(policy(None), hooks.clone(), RelayOptions::default());
+    send(&mut r.client_w, &call("7", "peek_file")).await;
+    line(&mut r.server_r).await;
+    send(&mut r.server_w, &ok("7")).await;
+    let got: serde_json::Value = serde_json::from_str(&line(&mut r.client_r).await).expect("json");
+    assert_eq!(got["id"], 7, "{got}");
+    assert!(got.get("result").is_none(), "the response leaked: {got}");
+    assert_eq!(got["error"]["code"], REFUSED_CODE, "{got}");
+    let reason = got["error"]["data"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("the server was stopped: only a tool not in flight"),
+        "{got}"
+    );
+    assert_eq!(got["error"]["data"]["tool"], "peek_file", "{got}");
+    assert!(hooks.has("end 7 peek_file ok"));
     finish(r).await;
 }
 

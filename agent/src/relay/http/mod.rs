@@ -174,11 +174,16 @@ impl<H: RelayHooks> Inner<H> {
         f(&mut self.lock().http);
     }
 
-    async fn end_calls(&self, ends: &[super::CallEnd]) {
+    /// End the calls; returns why the agent stopped the server, if it did.
+    async fn end_calls(&self, ends: &[super::CallEnd]) -> Option<String> {
+        let mut stopped = None;
         for end in ends {
-            self.hooks.call_end(end).await;
+            if let Some(why) = self.hooks.call_end(end).await {
+                stopped = Some(why);
+            }
         }
         self.lock().core.stats.calls_ended += ends.len() as u64;
+        stopped
     }
 }
 

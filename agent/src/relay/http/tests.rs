@@ -50,7 +50,7 @@ impl RelayHooks for Rec {
         self.push(format!("begin {}", call.id));
         Ok(())
     }
-    async fn call_end(&self, call: &CallEnd) {
+    async fn call_end(&self, call: &CallEnd) -> Option<String> {
         tokio::time::sleep(self.end_delay).await;
         self.push(format!(
             "end {} {} {}",
@@ -58,6 +58,7 @@ impl RelayHooks for Rec {
             call.outcome.as_str(),
             call.detail.as_deref().unwrap_or("")
         ));
+        None
     }
     fn call_refused(&self, call: &CallStart, _reason: &str) {
         self.push(format!("refused {}", call.id));
