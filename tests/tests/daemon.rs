@@ -849,6 +849,79 @@ fn per_tool_rights_through_the_agent() {
     drop(l);
 }
 
+/// Per-call file rules through the agent: a tool reading what only
+/// another tool may read. BPF-LSM refuses it; the fallback detects it, the
+/// agent ends the tree and the relay (a separate `run` process) answers the
+/// call with the reason the agent gives, never with the file.
+#[test]
+fn per_tool_file_rules_through_the_agent() {
+    use mcp_warden_tests::{python_read_rules, repo_root, venv_python, TempDir};
+    let data = TempDir::new("agentfiles");
+    let data = std::fs::canonicalize(data.path()).expect("dir");
+    let secret = data.join("secret.txt");
+    std::fs::write(&secret, b"s3cret").expect("write");
+    let mut agent = Agent::new("agentfiles", false);
+    std::fs::write(
+        agent.policies.join("toolbox.toml"),
+        format!(
+            "version = 1\nserver = \"toolbox\"\n\n[files]\n{}\n\n\
+             [tools.read_file.files]\nread = [{:?}]\n",
+            python_read_rules(),
+            format!("{}/**", data.display())
+        ),
+    )
+    .expect("policy");
+    agent.start();
+    let events = agent.dir.path().join("run-events.jsonl");
+    let path = secret.display().to_string();
+    let steps = json!([
+        {"tool": "read_file", "args": {"path": path}},
+        {"tool": "peek_file", "args": {"path": path}},
+    ]);
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox", "--events"])
+        .arg(&events)
+        .arg("--")
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("drive.py");
+    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let why = format!(
+        "{results:#?}\n{}\nagent:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    assert_eq!(results.len(), 2, "{why}");
+    assert_eq!(results[0]["text"], "ok", "{why}");
+    let evs = read_events(&agent.audit);
+    let deny: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "file" && e["decision"] == "deny" && e["path"] == path.as_str())
+        .collect();
+    assert_eq!(deny.len(), 1, "{evs:#?}");
+    assert_eq!(deny[0]["tool"], "peek_file", "{}", deny[0]);
+    if deny[0]["backend"] == "bpf-lsm" {
+        assert_eq!(results[1]["text"], "errno=1", "{why}");
+        return;
+    }
+    assert_eq!(results[1]["ok"], false, "{why}");
+    let err = results[1]["error"].as_str().unwrap_or("");
+    assert!(err.contains("the server was stopped"), "{why}");
+    assert_eq!(deny[0]["refused"], false, "{}", deny[0]);
+    assert_eq!(deny[0]["action"], "kill", "{}", deny[0]);
+}
+
 /// The agent dies mid-session: the next tool call is refused by the relay
 /// (fail closed), never forwarded without its rights in force.
 #[test]
