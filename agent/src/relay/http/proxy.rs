@@ -22,7 +22,8 @@ use crate::relay::jsonrpc::{
     classify, lenient_copy, Classified, Message as Rpc, Request as RpcRequest, RequestId,
 };
 use crate::relay::stdio::{
-    c2s_note, classify_copy, governance_reply, plan_calls, refusal_reply, s2c_messages, S2cEffects,
+    c2s_note, classify_copy, governance_reply, plan_calls, refusal_reply, s2c_messages,
+    stopped_reply, S2cEffects, STREAM_AFTER,
 };
 use crate::relay::RelayHooks;
 
@@ -631,6 +632,13 @@ async fn pump<H: RelayHooks>(
             }
             Kind::Json => {
                 json.push(&data);
+                // A body up to STREAM_AFTER is held whole until it was
+                // read (as the stdio relay holds a line), so a response the
+                // relay withholds never reaches the client in part.
+                if json.bytes() <= STREAM_AFTER as u64 {
+                    carry.extend_from_slice(&data);
+                    continue;
+                }
                 match data.iter().rposition(|b| !b.is_ascii_whitespace()) {
                     Some(p) => {
                         let held = std::mem::replace(&mut carry, BytesMut::from(&data[p..]));
@@ -669,7 +677,7 @@ async fn pump<H: RelayHooks>(
                         held.extend_from_slice(&part);
                     }
                     from = ev.at;
-                    let refused = if ev.kind == "endpoint" {
+                    let verdict = if ev.kind == "endpoint" {
                         // 2024-11-05: the session's message endpoint.
                         if let Some(d) = ev.data.as_slice() {
                             let uri = String::from_utf8_lossy(d).into_owned();
@@ -682,18 +690,40 @@ async fn pump<H: RelayHooks>(
                                 reply_to.session = None;
                             }
                         }
-                        None
+                        Verdict::Forward
                     } else {
                         judge(&inner, &ev.data).await
                     };
-                    match refused {
-                        Some(reply) if !streaming_event => {
+                    match verdict {
+                        Verdict::AnswerServer(reply) if !streaming_event => {
                             held.clear();
                             from = ev.at + 1;
                             answer_server(&inner, &reply_to, reply);
                         }
+                        Verdict::Stopped(errors) if !streaming_event => {
+                            // The server's answer is withheld; the client
+                            // gets the reason, one event per call.
+                            held.clear();
+                            from = ev.at + 1;
+                            let mut out = Vec::new();
+                            for line in errors.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                                out.extend_from_slice(b"event: message\ndata: ");
+                                out.extend_from_slice(line);
+                                out.extend_from_slice(b"\n\n");
+                            }
+                            if !send_data(&tx, Bytes::from(out), &mut forwarded).await {
+                                break 'read End::ClientGone;
+                            }
+                        }
+                        Verdict::Stopped(_) => {
+                            // Its start is with the client: cut the stream
+                            // rather than finish the event (fail closed).
+                            break 'read End::Cut(
+                                "the agent stopped the server while its event streamed".into(),
+                            );
+                        }
                         other => {
-                            if other.is_some() {
+                            if matches!(other, Verdict::AnswerServer(_)) {
                                 log::warn!(
                                     "http relay: a refused server request over the parse limit \
                                      was already streaming to the client"
@@ -732,7 +762,19 @@ async fn pump<H: RelayHooks>(
     match end {
         End::Done => {
             if kind == Kind::Json && json.bytes() > 0 {
-                judge(&inner, &json).await;
+                if let Verdict::Stopped(_) = judge(&inner, &json).await {
+                    // All but the body's last byte is with the client:
+                    // withhold it and cut the body (fail closed); the
+                    // client cannot read the result.
+                    inner.count(|s| s.cut += 1);
+                    guard
+                        .finish(Outcome::Error, "the agent stopped the server")
+                        .await;
+                    let _ = tx
+                        .send(Err("mcp-warden: the agent stopped the server".into()))
+                        .await;
+                    return;
+                }
             }
             if !carry.is_empty() {
                 let _ = tx.send(Ok(hyper::body::Frame::data(carry.freeze()))).await;
@@ -799,11 +841,20 @@ async fn send_data(tx: &FrameTx, data: Bytes, forwarded: &mut u64) -> bool {
     true
 }
 
+/// What to do with a server message once read.
+enum Verdict {
+    Forward,
+    /// A server request the policy's `[mcp]` section denies: withheld, and
+    /// this goes to the server instead.
+    AnswerServer(Value),
+    /// The agent stopped the server during the calls it ends: withheld, and
+    /// the client gets these error responses (one JSON text per line).
+    Stopped(Vec<u8>),
+}
+
 /// Read one server message (a JSON body or an SSE event's data): end the
 /// calls it answers, awaiting their end hooks, report handshake and tool list.
-/// Returns the answer to send the server instead, when the message is a
-/// server request the policy's `[mcp]` section denies (it is then withheld).
-async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> {
+async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Verdict {
     let fx = match msg.as_slice() {
         Some(bytes) if !bytes.is_empty() => {
             let copy;
@@ -819,7 +870,7 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> 
                 Classified::Batch(ms) => ms,
                 Classified::NotMcp => {
                     inner.lock().core.stats.unparsed_s2c += 1;
-                    return None;
+                    return Verdict::Forward;
                 }
             };
             let mut st = inner.lock();
@@ -834,7 +885,7 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> 
             }
             fx
         }
-        Some(_) => return None,
+        Some(_) => return Verdict::Forward,
         None => {
             // Over the parse limit: scanned as it streamed.
             let mut st = inner.lock();
@@ -861,7 +912,11 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> 
             st.owners.remove(&e.id);
         }
     }
-    inner.end_calls(&fx.ends).await;
+    let stopped = inner.end_calls(&fx.ends).await;
+    if let Some(why) = stopped {
+        inner.lock().core.stats.refused += 1;
+        return Verdict::Stopped(stopped_reply(&inner.policy, &fx.ends, &why));
+    }
     if let Some(s) = &fx.session {
         inner.hooks.session_info(s);
     }
@@ -873,9 +928,9 @@ async fn judge<H: RelayHooks>(inner: &Inner<H>, msg: &Message) -> Option<Value> 
     }
     if fx.governed.iter().any(|(_, _, g)| *g == Governance::Deny) {
         inner.lock().core.stats.refused += 1;
-        return Some(governance_reply(&inner.policy, &fx.request_ids));
+        return Verdict::AnswerServer(governance_reply(&inner.policy, &fx.request_ids));
     }
-    None
+    Verdict::Forward
 }
 
 /// Where a response stream's server requests are answered: the path and

@@ -37,6 +37,8 @@ fn policy() -> Arc<Policy> {
 struct Rec {
     log: Arc<Mutex<Vec<String>>>,
     end_delay: Duration,
+    /// Every call_end answers that the agent stopped the server for this.
+    stopped: Option<String>,
 }
 
 impl Rec {
@@ -58,7 +60,7 @@ impl RelayHooks for Rec {
             call.outcome.as_str(),
             call.detail.as_deref().unwrap_or("")
         ));
-        None
+        self.stopped.clone()
     }
     fn call_refused(&self, call: &CallStart, _reason: &str) {
         self.push(format!("refused {}", call.id));
@@ -103,10 +105,19 @@ async fn relay(
     up: SocketAddr,
     end_delay: Duration,
 ) -> (SocketAddr, HttpRelay<Rec>, Arc<Mutex<Vec<String>>>) {
+    relay_with(up, end_delay, None).await
+}
+
+async fn relay_with(
+    up: SocketAddr,
+    end_delay: Duration,
+    stopped: Option<String>,
+) -> (SocketAddr, HttpRelay<Rec>, Arc<Mutex<Vec<String>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let rec = Arc::new(Rec {
         log: log.clone(),
         end_delay,
+        stopped,
     });
     let r = HttpRelay::new(
         policy(),
@@ -247,6 +258,48 @@ async fn rights_are_withdrawn_before_the_sse_event_that_ends_the_call() {
         "rights withdrawn first: {l:?}"
     );
     assert!(settle(&r).await.is_empty(), "{:?}", r.tracked());
+}
+
+/// The agent stopped the server during the call: an SSE result is replaced
+/// by an error event naming the reason; a JSON result is never delivered.
+#[tokio::test]
+async fn a_stopped_servers_result_is_withheld() {
+    let (up, _) = upstream(Arc::new(|_req| {
+        let (tx, body) = RelayBody::channel(4);
+        tokio::spawn(async move {
+            let res = format!("id: 9\ndata: {}\n\n", result(1, "s3cret"));
+            let _ = tx.send(Ok(Frame::data(Bytes::from(res)))).await;
+        });
+        ("text/event-stream", body)
+    }))
+    .await;
+    let why = Some("the tool declared readOnlyHint: true".to_string());
+    let (addr, _r, _log) = relay_with(up, Duration::ZERO, why.clone()).await;
+    let mut s = post(addr, &call(1, "ok_tool"), "").await;
+    let out = read_until(&mut s, b"}}\n\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(
+        text.contains("the server was stopped: the tool declared readOnlyHint: true"),
+        "{text}"
+    );
+    assert!(text.contains("-32001"), "{text}");
+
+    let (up, _) = upstream(Arc::new(|_req| {
+        let (tx, body) = RelayBody::channel(4);
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from(result(2, "s3cret")))))
+                .await;
+        });
+        ("application/json", body)
+    }))
+    .await;
+    let (addr, _r, _log) = relay_with(up, Duration::ZERO, why).await;
+    let mut s = post(addr, &call(2, "ok_tool"), "").await;
+    let out = read_until(&mut s, b"never").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("s3cret"), "{text}");
 }
 
 #[tokio::test]
