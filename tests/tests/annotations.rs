@@ -150,8 +150,9 @@ fn a_read_only_tool_may_not_write() {
         );
         assert_eq!(e["refused"], false, "{e}");
         assert_eq!(e["action"], "kill", "{e}");
-        // Detected, not refused: the byte is there (docs/policy.md).
-        assert_eq!(written, b"xx");
+        // Detected, not refused (docs/policy.md): the open for writing
+        // ran; the kill lands before or after the byte is written.
+        assert!(written == b"x" || written == b"xx", "{written:?}");
     }
 
     // Switched off: the declared hint is not held.
