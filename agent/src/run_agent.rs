@@ -563,6 +563,11 @@ pub async fn run(args: RunArgs, sock: &Path) -> Result<i32, RunError> {
         _ = sigint.recv() => { kill(pid); let _ = child.wait().await; 130 }
         _ = sigterm.recv() => { kill(pid); let _ = child.wait().await; 143 }
     };
+    // Calls still in flight end now, while the agent still has the
+    // instance: a server the agent stopped for a violation gets its calls
+    // answered with the reason (a grandchild holding stdout open delays
+    // the teardown by at most this).
+    let relay = relay.settle(Duration::from_secs(1)).await;
     keepalive.abort();
     // The agent ends what is left of the tree and removes the instance.
     let mut finished = false;

@@ -112,11 +112,26 @@ pub async fn serve(host: &Host, mut inst: Instance, args: &HttpArgs) -> Result<i
     Ok(code)
 }
 
+fn log_stdio_end(
+    r: Result<
+        Result<crate::relay::RelayStats, crate::relay::RelayError>,
+        crate::relay::pipe::RelayThreadError,
+    >,
+) {
+    match r {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::warn!("relay: {e}"),
+        Err(e) => log::warn!("relay task: {e}"),
+    }
+}
+
 /// How `mcp-warden run` relays for its server: stdio, or HTTP. Used by the
 /// agent-client path ([`crate::run_agent`]), which has its own hooks.
 pub enum Relayed {
     Stdio(crate::relay::pipe::RelayThread),
     Http(HttpTask),
+    /// The stdio relay already ended ([`Relayed::settle`]).
+    Done,
 }
 
 impl Relayed {
@@ -165,13 +180,28 @@ impl Relayed {
 
     /// The server is gone: let the relay finish (stdio: flush and end the
     /// calls in flight; HTTP: stop listening and end them).
+    /// The server exited: give the stdio relay up to `limit` to end the
+    /// calls still in flight (their end hooks ask the agent why the server
+    /// ended) while the instance still exists at the agent.
+    pub async fn settle(self, limit: Duration) -> Self {
+        match self {
+            Relayed::Stdio(mut relay) => match tokio::time::timeout(limit, &mut relay).await {
+                Ok(r) => {
+                    log_stdio_end(r);
+                    Relayed::Done
+                }
+                Err(_) => Relayed::Stdio(relay),
+            },
+            other => other,
+        }
+    }
+
     pub async fn finish(self) {
         match self {
+            Relayed::Done => {}
             Relayed::Stdio(relay) => {
                 match tokio::time::timeout(Duration::from_secs(5), relay).await {
-                    Ok(Ok(Ok(_))) => {}
-                    Ok(Ok(Err(e))) => log::warn!("relay: {e}"),
-                    Ok(Err(e)) => log::warn!("relay task: {e}"),
+                    Ok(r) => log_stdio_end(r),
                     Err(_) => log::warn!("relay did not finish within 5 s after the server exited"),
                 }
             }

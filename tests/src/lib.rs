@@ -310,6 +310,17 @@ pub fn python_read_rules() -> String {
     ])
 }
 
+/// The SDK test server (tests/fixtures/sdk/tool_server.py) as a command.
+pub fn sdk_tool_server() -> Vec<String> {
+    vec![
+        venv_python().display().to_string(),
+        repo_root()
+            .join("tests/fixtures/sdk/tool_server.py")
+            .display()
+            .to_string(),
+    ]
+}
+
 /// One step's result as printed by tests/fixtures/sdk/drive.py.
 pub fn sdk_drive(sc: &Scenario, steps: &Value, server: &[&str]) -> (Vec<Value>, Run) {
     let drive = repo_root().join("tests/fixtures/sdk/drive.py");

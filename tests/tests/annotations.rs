@@ -99,13 +99,7 @@ fn a_read_only_tool_may_not_write() {
             format!("{}/**", data.display())
         )
     };
-    let server = [
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ];
+    let server = mcp_warden_tests::sdk_tool_server();
     let server: Vec<&str> = server.iter().map(String::as_str).collect();
     let path = target.display().to_string();
     let steps = json!([

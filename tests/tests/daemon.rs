@@ -753,7 +753,7 @@ fn policy_reload_switches_running_instances_and_keeps_a_good_policy() {
 /// client and server, as in per_tool.rs).
 #[test]
 fn per_tool_rights_through_the_agent() {
-    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    use mcp_warden_tests::python_read_rules;
     let mut agent = Agent::new("agenttools", false);
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = l.local_addr().expect("addr").port();
@@ -775,27 +775,7 @@ fn per_tool_rights_through_the_agent() {
         {"tool": "secret_tool", "args": {}},
         {"tool": "fetch", "args": {"port": port}},
     ]);
-    // The SDK gives the server a minimal environment: pass the socket
-    // through env(1).
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .arg("/usr/bin/env")
-        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
-        .arg(warden())
-        .args(["run", "--server", "toolbox", "--events"])
-        .arg(&events)
-        .arg("--")
-        .arg(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("drive.py");
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (results, out) = drive_through_agent(&agent, &steps, &events);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         results.len(),
@@ -855,7 +835,7 @@ fn per_tool_rights_through_the_agent() {
 /// call with the reason the agent gives, never with the file.
 #[test]
 fn per_tool_file_rules_through_the_agent() {
-    use mcp_warden_tests::{python_read_rules, repo_root, venv_python, TempDir};
+    use mcp_warden_tests::{python_read_rules, TempDir};
     let data = TempDir::new("agentfiles");
     let data = std::fs::canonicalize(data.path()).expect("dir");
     let secret = data.join("secret.txt");
@@ -878,25 +858,7 @@ fn per_tool_file_rules_through_the_agent() {
         {"tool": "read_file", "args": {"path": path}},
         {"tool": "peek_file", "args": {"path": path}},
     ]);
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .arg("/usr/bin/env")
-        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
-        .arg(warden())
-        .args(["run", "--server", "toolbox", "--events"])
-        .arg(&events)
-        .arg("--")
-        .arg(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("drive.py");
-    let results: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let (results, out) = drive_through_agent(&agent, &steps, &events);
     let why = format!(
         "{results:#?}\n{}\nagent:\n{}",
         String::from_utf8_lossy(&out.stderr),
@@ -1051,6 +1013,39 @@ fn approval_through_the_agent() {
 }
 
 /// Send request lines on one connection, return the response lines.
+/// The MCP Python SDK client drives the toolbox test server through
+/// `mcp-warden run --server toolbox` and the agent at `agent.sock`: one
+/// result per step, and the client's output.
+fn drive_through_agent(
+    agent: &Agent,
+    steps: &Value,
+    events: &std::path::Path,
+) -> (Vec<Value>, std::process::Output) {
+    use mcp_warden_tests::{repo_root, venv_python};
+    // The SDK gives the server a minimal environment: pass the socket
+    // through env(1).
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox", "--events"])
+        .arg(events)
+        .arg("--")
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("drive.py");
+    let results = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (results, out)
+}
+
 fn converse(sock: &std::path::Path, reqs: &[Value]) -> Vec<Value> {
     let s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
     let mut w = s.try_clone().expect("clone");

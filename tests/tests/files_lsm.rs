@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use mcp_warden_tests::{
-    assert_no_leftover_cgroups, python_read_rules, repo_root, sdk_drive, target_dir, venv_python,
-    Run, Scenario, TempDir,
+    assert_no_leftover_cgroups, python_read_rules, repo_root, sdk_drive, target_dir, Run, Scenario,
+    TempDir,
 };
 use serde_json::{json, Value};
 
@@ -601,13 +601,7 @@ fn a_tools_file_right_holds_only_during_its_calls() {
         {"tool": "peek_file", "args": {"path": f}},
         {"tool": "read_file", "args": {"path": f}},
     ]);
-    let cmd = [
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ];
+    let cmd = mcp_warden_tests::sdk_tool_server();
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let (results, run) = sdk_drive(&sc, &steps, &cmd);
     if started(&run)["backend"] != "bpf-lsm" {

@@ -1,7 +1,7 @@
 //! Governance of server-initiated requests: sampling allowed, logged or
 //! refused per the policy's `[mcp]` section, each one an event; with the
 //! official MCP Python SDK on both sides.
-use mcp_warden_tests::{python_read_rules, repo_root, sdk_drive, venv_python, Scenario};
+use mcp_warden_tests::{python_read_rules, sdk_drive, Scenario};
 use serde_json::{json, Value};
 
 fn run_with(sampling: &str) -> (Vec<Value>, mcp_warden_tests::Run) {
@@ -10,13 +10,7 @@ fn run_with(sampling: &str) -> (Vec<Value>, mcp_warden_tests::Run) {
         python_read_rules()
     );
     let sc = Scenario::new("sampling", &policy);
-    let server = [
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ];
+    let server = mcp_warden_tests::sdk_tool_server();
     let server: Vec<&str> = server.iter().map(String::as_str).collect();
     let steps = json!([{"tool": "ask_model", "args": {"question": "the answer?"}}]);
     sdk_drive(&sc, &steps, &server)
@@ -70,13 +64,7 @@ fn approval_run(verb: &str) -> (Value, mcp_warden_tests::Run, bool) {
         python_read_rules()
     );
     let sc = Scenario::new("approval", &policy);
-    let server = [
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ];
+    let server = mcp_warden_tests::sdk_tool_server();
     let steps = json!([{"tool": "fetch", "args": {"port": port}}]);
     let drive = std::thread::spawn(move || {
         let server: Vec<&str> = server.iter().map(String::as_str).collect();

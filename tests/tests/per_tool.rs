@@ -4,17 +4,11 @@
 //! by the kernel, and each denial names the right tool and call id.
 use std::net::TcpListener;
 
-use mcp_warden_tests::{python_read_rules, repo_root, sdk_drive, venv_python, Scenario};
+use mcp_warden_tests::{python_read_rules, sdk_drive, Scenario};
 use serde_json::{json, Value};
 
 fn server_cmd() -> Vec<String> {
-    vec![
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ]
+    mcp_warden_tests::sdk_tool_server()
 }
 
 fn policy(port: u16) -> String {
