@@ -857,6 +857,7 @@ impl Agent {
                 "policy_source": source,
                 "mode": format!("{:?}", policy.mode).to_lowercase(),
                 "backend": self.host.backend(),
+                "files_by": control::files_by_name(self.host.files_by()),
                 "hooks": hooks,
             }),
         );

@@ -686,6 +686,7 @@ impl Host {
                 "policy_source": policy.source,
                 "mode": format!("{:?}", policy.mode).to_lowercase(),
                 "backend": self.backend,
+                "files_by": crate::control::files_by_name(self.files_by()),
                 "hooks": reg.hooks,
                 "confinement": serde_json::to_value(&confinement).unwrap_or(serde_json::Value::Null),
             }),

@@ -114,6 +114,10 @@ pub struct Session {
     /// The event reader, asked to deliver everything the kernel wrote
     /// before a watched call's response is forwarded.
     reader: std::sync::OnceLock<tokio::sync::mpsc::Sender<events::reader::Control>>,
+    /// File, exec and process events the kernel could not deliver (ring
+    /// full, every instance), as last seen: per-call detection that lost
+    /// events cannot vouch for a call.
+    lost_seen: Mutex<u64>,
 }
 
 /// A reported file operation or exec, judged in userspace.
@@ -203,10 +207,11 @@ impl Session {
             flags: fl,
             _pad: 0,
         };
-        kernel
-            .lock()
-            .map_err(|_| SessionError::Poisoned)?
-            .set_instance(cgroup_id, &inst)?;
+        let lost_seen = {
+            let mut k = kernel.lock().map_err(|_| SessionError::Poisoned)?;
+            k.set_instance(cgroup_id, &inst)?;
+            file_events_lost(&k)?
+        };
         let mut history = VecDeque::new();
         history.push_back((epoch, Vec::new()));
         Ok(Self {
@@ -234,6 +239,7 @@ impl Session {
             files_by,
             stopped: Mutex::new(None),
             reader: std::sync::OnceLock::new(),
+            lost_seen: Mutex::new(lost_seen),
         })
     }
 
@@ -756,6 +762,34 @@ impl Session {
         }
     }
 
+    /// Per-call detection judges what the kernel reported: if file, exec or
+    /// process events were lost since the last look (the ring buffer was
+    /// full; the counters are the agent's, not this instance's), a call
+    /// cannot be shown to have kept to its rights. Fail closed: why.
+    fn events_lost_since_last_look(&self) -> Option<String> {
+        let now = match self.kernel.lock() {
+            Ok(k) => file_events_lost(&k),
+            Err(_) => Err(SessionError::Poisoned),
+        };
+        let mut seen = self.lost_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match now {
+            Ok(n) if n <= *seen => None,
+            Ok(n) => {
+                let lost = n - *seen;
+                *seen = n;
+                Some(format!(
+                    "{lost} file/exec events were lost (ring buffer full) while per-call file \
+                     rules were held by detection: the call cannot be shown to have kept to \
+                     its rights"
+                ))
+            }
+            Err(e) => Some(format!(
+                "the lost-event counters could not be read ({e}) while per-call file rules were \
+                 held by detection"
+            )),
+        }
+    }
+
     /// End the tree for a violation, remembering why for the relay.
     fn stop(&self, why: &str) {
         if let Ok(mut s) = self.stopped.lock() {
@@ -1110,6 +1144,9 @@ impl crate::relay::RelayHooks for Session {
                 if tx.send(events::reader::Control::Drain(ack)).await.is_ok() {
                     let _ = done.await;
                 }
+                if let Some(why) = self.events_lost_since_last_look() {
+                    self.stop(&why);
+                }
             }
             self.stopped()
         }
@@ -1296,4 +1333,15 @@ fn watches_tool_files(policy: &Policy, files_by: FilesBy) -> bool {
                 && f.deny.is_empty()
                 && t.rules.exec.allow.is_empty())
         })
+}
+
+/// Events of the kinds per-call detection judges (file, exec, process) the
+/// kernel could not deliver, since the programs were loaded.
+fn file_events_lost(k: &Kernel) -> Result<u64, SessionError> {
+    use mcp_warden_common::kind;
+    let lost = k.lost()?;
+    Ok([kind::FILE, kind::EXEC, kind::PROC]
+        .iter()
+        .filter_map(|i| lost.get(*i as usize))
+        .sum())
 }

@@ -638,3 +638,47 @@ fn a_tools_file_right_holds_only_during_its_calls() {
     assert_eq!(e["tool"], "peek_file", "{e}");
     assert!(e["call_id"].is_number(), "{e}");
 }
+
+/// Per-call detection only sees what the kernel delivers: a flood of
+/// allowed file events that overflows the ring buffer during a call means
+/// the call cannot be shown to have kept to its rights. The agent ends the
+/// tree and the call is answered with the reason (fail closed). Where the
+/// kernel holds per-call file rules itself (BPF-LSM with its path hooks),
+/// nothing is reported and the flood is just work.
+#[test]
+fn lost_events_fail_closed_under_per_call_detection() {
+    let t = tree("lsm-lost");
+    let r = &t.root;
+    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
+    let read = python_read_rules().replacen(
+        "read = [",
+        &format!(
+            "read = [{:?}, {:?}, ",
+            format!("{}/**", venv.display()),
+            format!("{r}/srv/**")
+        ),
+        1,
+    );
+    // A tool with file rules of its own turns per-call detection on.
+    let pol = format!(
+        "version = 1\nserver = \"filetest\"\n\n[files]\n{read}\n\n[tools.read_file.files]\nread = [{}]\n",
+        q(&[format!("{r}/ro/**")])
+    );
+    let sc = Scenario::new("lsm-lost", &pol);
+    let steps =
+        json!([{"tool": "open_loop", "args": {"path": format!("{r}/srv/a"), "n": 400_000}}]);
+    let cmd = mcp_warden_tests::sdk_tool_server();
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let (results, run) = sdk_drive(&sc, &steps, &cmd);
+    let s = started(&run);
+    if s["files_by"] == "bpf-lsm" {
+        assert_eq!(results[0]["text"], "done", "{results:#?}\n{s}");
+        return;
+    }
+    assert_eq!(results[0]["ok"], false, "{results:#?}\n{s}");
+    let err = results[0]["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("the server was stopped") && err.contains("events were lost"),
+        "{results:#?}"
+    );
+}
