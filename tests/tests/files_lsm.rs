@@ -675,7 +675,26 @@ fn lost_events_fail_closed_under_per_call_detection() {
         assert_eq!(results[0]["text"], "done", "{results:#?}\n{s}");
         return;
     }
-    assert_eq!(results[0]["ok"], false, "{results:#?}\n{s}");
+    // The kernel's own count of what it could not deliver decides.
+    let exited = run
+        .events_where(&[("kind", json!("server")), ("event", json!("exited"))])
+        .first()
+        .map(|v| (*v).clone())
+        .unwrap_or(Value::Null);
+    let lost: u64 = ["file", "exec", "process"]
+        .iter()
+        .map(|k| exited["events_lost"][k].as_u64().unwrap_or(0))
+        .sum();
+    if s["backend"] == "fallback" {
+        // On real hardware the loop outruns the reader by far (under the
+        // VM lane's emulation it may not).
+        assert!(lost > 0, "no event lost: {exited}");
+    }
+    if lost == 0 {
+        assert_eq!(results[0]["text"], "done", "{results:#?}\n{exited}");
+        return;
+    }
+    assert_eq!(results[0]["ok"], false, "{results:#?}\n{exited}");
     let err = results[0]["error"].as_str().unwrap_or("");
     assert!(
         err.contains("the server was stopped") && err.contains("events were lost"),
