@@ -80,6 +80,7 @@ struct CallAcct {
 /// Shared between the relay, the event reader and the signal handler.
 pub struct Session {
     kernel: Arc<Mutex<Kernel>>,
+    counters: Arc<Mutex<crate::kernel::Counters>>,
     cgroup_id: u64,
     cgroup_path: std::path::PathBuf,
     /// Replaced whole on reload ([`Session::swap_policy`]).
@@ -207,15 +208,16 @@ impl Session {
             flags: fl,
             _pad: 0,
         };
-        let lost_seen = {
+        let (lost_seen, counters) = {
             let mut k = kernel.lock().map_err(|_| SessionError::Poisoned)?;
             k.set_instance(cgroup_id, &inst)?;
-            file_events_lost(&k)?
+            (file_events_lost(&k)?, k.counters())
         };
         let mut history = VecDeque::new();
         history.push_back((epoch, Vec::new()));
         Ok(Self {
             kernel,
+            counters,
             cgroup_id,
             cgroup_path,
             policy: std::sync::RwLock::new(policy),
@@ -552,7 +554,9 @@ impl Session {
             Ok(st) => st.inst.epoch,
             Err(_) => return,
         };
-        let (drained, bytes) = match self.kernel.lock() {
+        // The counters' own lock: the relay's instance updates never wait
+        // for a drain.
+        let (drained, bytes) = match self.counters.lock() {
             Ok(mut k) => (
                 k.drain_syscalls(self.cgroup_id, (!all).then_some(before)),
                 k.drain_bytes(self.cgroup_id, (!all).then_some(before)),

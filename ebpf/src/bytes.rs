@@ -4,7 +4,7 @@
 //! a tool call's figure is what its sockets carried, not framing overhead.
 //! Ingress packets are also shown to dns.rs (DNS answers, audit/learn).
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::bpf_skb_cgroup_id,
     macros::{cgroup_skb, map},
     maps::PerCpuHashMap,
@@ -14,9 +14,9 @@ use mcp_warden_common::{kind, BytesKey, InstanceState, DIR_EGRESS, DIR_INGRESS};
 
 use crate::{event::count_lost, maps::INSTANCES};
 
+/// Preallocated, as `mw_syscalls` (syscalls.rs) and for the same reason.
 #[map(name = "mw_bytes")]
-static BYTES: PerCpuHashMap<BytesKey, u64> =
-    PerCpuHashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+static BYTES: PerCpuHashMap<BytesKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;

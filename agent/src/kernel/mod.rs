@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd, OwnedFd},
     path::Path,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -151,8 +152,10 @@ pub struct Kernel {
     net6: LpmTrie<MapData, Net6Key, NetRule>,
     unix: LpmTrie<MapData, UnixKey, PathRule>,
     stats: PerCpuArray<MapData, u64>,
-    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
-    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
+    /// The per-call counters, behind their own lock: draining them takes
+    /// many map syscalls, and the relay's path (instance updates under the
+    /// `Kernel` lock) must not wait for that.
+    counters: Arc<Mutex<Counters>>,
     events: Option<RingBuf<MapData>>,
     _tracepoints: Vec<FdLink>,
     /// The unix connect/sendmsg programs, when this kernel has them.
@@ -428,8 +431,10 @@ impl Kernel {
             net6: maps.net6,
             unix: maps.unix,
             stats: maps.stats,
-            syscalls: maps.syscalls,
-            bytes: maps.bytes,
+            counters: Arc::new(Mutex::new(Counters {
+                syscalls: maps.syscalls,
+                bytes: maps.bytes,
+            })),
             events: Some(maps.events),
             _tracepoints: tracepoints,
             unix_progs,
@@ -684,6 +689,33 @@ impl Kernel {
         Ok(())
     }
 
+    /// The per-call counters (their own lock; see [`Counters`]).
+    pub fn counters(&self) -> Arc<Mutex<Counters>> {
+        self.counters.clone()
+    }
+
+    /// Events the kernel could not deliver, per kind index, summed over CPUs.
+    pub fn lost(&self) -> Result<[u64; kind::COUNT as usize], KernelError> {
+        let mut out = [0u64; kind::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(maps::STATS))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// The per-call counter maps (`mw_syscalls`, `mw_bytes`), filled by the
+/// programs and drained by the sessions' accountants.
+pub struct Counters {
+    syscalls: PerCpuHashMap<MapData, SyscallKey, u64>,
+    bytes: PerCpuHashMap<MapData, BytesKey, u64>,
+}
+
+impl Counters {
     /// Take the syscall counts of `cgroup_id` for every epoch before
     /// `before_epoch` (epochs that can no longer grow) out of the kernel:
     /// (epoch, syscall nr, count summed over CPUs). `None` takes them all.
@@ -713,19 +745,6 @@ impl Kernel {
             .into_iter()
             .map(|(k, n)| (k.epoch, k.dir, n))
             .collect())
-    }
-
-    /// Events the kernel could not deliver, per kind index, summed over CPUs.
-    pub fn lost(&self) -> Result<[u64; kind::COUNT as usize], KernelError> {
-        let mut out = [0u64; kind::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(map_err(maps::STATS))?;
-            *slot = v.iter().sum();
-        }
-        Ok(out)
     }
 }
 

@@ -21,6 +21,9 @@
 //!   ({"kind", "n", "port"}: runs the loop, answers its `ns_per_op`).
 //! - `client rtt N | ping N | big BYTES REPS | loop KIND N PORT -- CMD...`: drive
 //!   an MCP server (CMD, directly or under `mcp-warden run`) over its stdio.
+//! - `forward CMD...`: run CMD with its stdio piped through this process, a
+//!   minimal forwarder (poll, read, write; no parsing): the floor of what
+//!   any process between a client and a server costs on this machine.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -109,6 +112,74 @@ fn run_loop(kind: &str, n: u64, port: u16) -> (f64, f64) {
     let cpu = (thread_cpu_ns() - cpu) as f64;
     let n = n.max(1) as f64;
     (cpu / n, wall / n)
+}
+
+/// Copy our stdin to CMD's and CMD's stdout to ours until CMD's stdout ends.
+fn forward(cmd: &[String]) {
+    let (prog, rest) = cmd
+        .split_first()
+        .unwrap_or_else(|| fail("usage: forward CMD..."));
+    let mut child = Command::new(prog)
+        .args(rest)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("spawn {prog}: {e}")));
+    let (Some(to_child), Some(mut from_child)) = (child.stdin.take(), child.stdout.take()) else {
+        fail("child stdio")
+    };
+    // Dropped at our end of input, so CMD sees its own.
+    let mut to_child = Some(to_child);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = [
+        libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: from_child.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        // SAFETY: two pollfd structs we own.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            break;
+        }
+        if fds[0].revents != 0 {
+            match (stdin.read(&mut buf), to_child.as_mut()) {
+                (Ok(n), Some(w)) if n > 0 => {
+                    if w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    fds[0].fd = -1;
+                    to_child = None;
+                }
+            }
+        }
+        if fds[1].revents != 0 {
+            match from_child.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if stdout
+                        .write_all(&buf[..n])
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(to_child);
+    let _ = child.wait();
 }
 
 fn wait_eof() {
@@ -381,6 +452,7 @@ fn main() {
             wait_eof();
         }
         "server" => server(),
+        "forward" => forward(&args[1..]),
         "client" => client(&args[1..]),
         "nop-hooks" => {
             let btf = match a(1).as_str() {
