@@ -1145,11 +1145,22 @@ impl crate::relay::RelayHooks for Session {
         async move {
             if let Some(tx) = reader {
                 let (ack, done) = tokio::sync::oneshot::channel();
-                if tx.send(events::reader::Control::Drain(ack)).await.is_ok() {
-                    let _ = done.await;
-                }
-                if let Some(why) = self.events_lost_since_last_look() {
-                    self.stop(&why);
+                let drained = async {
+                    tx.send(events::reader::Control::Drain(ack)).await.is_ok() && done.await.is_ok()
+                };
+                // The response waits for the judgement; one that cannot be
+                // had in time is not given (fail closed).
+                match tokio::time::timeout(DRAIN_LIMIT, drained).await {
+                    Ok(true) => {
+                        if let Some(why) = self.events_lost_since_last_look() {
+                            self.stop(&why);
+                        }
+                    }
+                    Ok(false) | Err(_) => self.stop(&format!(
+                        "the kernel's reports of the call could not be judged within {} s \
+                         (event reader gone or stalled)",
+                        DRAIN_LIMIT.as_secs()
+                    )),
                 }
             }
             self.stopped()
@@ -1305,6 +1316,9 @@ fn annotations_json(a: &crate::relay::ToolAnnotations) -> Value {
         "openWorldHint": a.open_world_hint,
     })
 }
+
+/// How long a watched call's response waits for its events to be judged.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a write during a read-only call is a violation.
 const READ_ONLY_REASON: &str = "the tool declared readOnlyHint: true";
