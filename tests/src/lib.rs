@@ -310,6 +310,17 @@ pub fn python_read_rules() -> String {
     ])
 }
 
+/// [`python_read_rules`] plus the venv's real directory (BPF-LSM judges
+/// resolved paths, `bpf_d_path`: a symlinked venv needs its target) and
+/// `extra` read paths.
+pub fn python_read_rules_resolved(extra: &[String]) -> String {
+    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
+    let mut first = vec![format!("{}/**", venv.display())];
+    first.extend(extra.iter().cloned());
+    let quoted: Vec<String> = first.iter().map(|p| format!("{p:?}")).collect();
+    python_read_rules().replacen("read = [", &format!("read = [{}, ", quoted.join(", ")), 1)
+}
+
 /// The SDK test server (tests/fixtures/sdk/tool_server.py) as a command.
 pub fn sdk_tool_server() -> Vec<String> {
     vec![

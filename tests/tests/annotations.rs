@@ -87,12 +87,7 @@ fn a_read_only_tool_may_not_write() {
     let data = std::fs::canonicalize(dir.path()).expect("dir");
     let target = data.join("notes.txt");
     std::fs::write(&target, b"").expect("write");
-    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
-    let read = python_read_rules().replacen(
-        "read = [",
-        &format!("read = [{:?}, ", format!("{}/**", venv.display())),
-        1,
-    );
+    let read = mcp_warden_tests::python_read_rules_resolved(&[]);
     let policy = |extra: &str| {
         format!(
             "version = 1\nserver = \"annotated-ro\"\n\n[files]\n{read}\nwrite = [{:?}]\n{extra}",

@@ -888,7 +888,7 @@ fn per_tool_file_rules_through_the_agent() {
 /// (fail closed), never forwarded without its rights in force.
 #[test]
 fn tool_calls_fail_closed_when_the_agent_is_gone() {
-    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    use mcp_warden_tests::python_read_rules;
     let mut agent = Agent::new("failclosed", false);
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = l.local_addr().expect("addr").port();
@@ -907,17 +907,7 @@ fn tool_calls_fail_closed_when_the_agent_is_gone() {
         {"sleep_ms": 3000},
         {"tool": "fetch", "args": {"port": port}},
     ]);
-    let child = Command::new(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .arg("/usr/bin/env")
-        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
-        .arg(warden())
-        .args(["run", "--server", "toolbox", "--"])
-        .arg(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
-        .stdin(Stdio::null())
+    let child = drive_command(&agent, &steps, None)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -953,7 +943,7 @@ fn tool_calls_fail_closed_when_the_agent_is_gone() {
 /// agent until `mcp-warden approve`, while the client stays responsive.
 #[test]
 fn approval_through_the_agent() {
-    use mcp_warden_tests::{python_read_rules, repo_root, venv_python};
+    use mcp_warden_tests::python_read_rules;
     let mut agent = Agent::new("approval", false);
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     l.set_nonblocking(true).expect("nonblocking");
@@ -970,17 +960,7 @@ fn approval_through_the_agent() {
     .expect("policy");
     agent.start();
     let steps = json!([{"tool": "fetch", "args": {"port": port}}]);
-    let child = Command::new(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .arg("/usr/bin/env")
-        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
-        .arg(warden())
-        .args(["run", "--server", "toolbox", "--"])
-        .arg(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
-        .stdin(Stdio::null())
+    let child = drive_command(&agent, &steps, None)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1013,6 +993,30 @@ fn approval_through_the_agent() {
 }
 
 /// Send request lines on one connection, return the response lines.
+/// drive.py (the SDK client) running `steps` against the toolbox test
+/// server through `mcp-warden run --server toolbox` and the agent.
+fn drive_command(agent: &Agent, steps: &Value, events: Option<&std::path::Path>) -> Command {
+    use mcp_warden_tests::{repo_root, venv_python};
+    let mut c = Command::new(venv_python());
+    // The SDK gives the server a minimal environment: pass the socket
+    // through env(1).
+    c.arg(repo_root().join("tests/fixtures/sdk/drive.py"))
+        .arg(steps.to_string())
+        .arg("--")
+        .arg("/usr/bin/env")
+        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
+        .arg(warden())
+        .args(["run", "--server", "toolbox"]);
+    if let Some(e) = events {
+        c.arg("--events").arg(e);
+    }
+    c.arg("--")
+        .arg(venv_python())
+        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
+        .stdin(Stdio::null());
+    c
+}
+
 /// The MCP Python SDK client drives the toolbox test server through
 /// `mcp-warden run --server toolbox` and the agent at `agent.sock`: one
 /// result per step, and the client's output.
@@ -1021,22 +1025,7 @@ fn drive_through_agent(
     steps: &Value,
     events: &std::path::Path,
 ) -> (Vec<Value>, std::process::Output) {
-    use mcp_warden_tests::{repo_root, venv_python};
-    // The SDK gives the server a minimal environment: pass the socket
-    // through env(1).
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/drive.py"))
-        .arg(steps.to_string())
-        .arg("--")
-        .arg("/usr/bin/env")
-        .arg(format!("MCP_WARDEN_SOCKET={}", agent.sock.display()))
-        .arg(warden())
-        .args(["run", "--server", "toolbox", "--events"])
-        .arg(events)
-        .arg("--")
-        .arg(venv_python())
-        .arg(repo_root().join("tests/fixtures/sdk/tool_server.py"))
-        .stdin(Stdio::null())
+    let out = drive_command(agent, steps, Some(events))
         .output()
         .expect("drive.py");
     let results = String::from_utf8_lossy(&out.stdout)

@@ -8,10 +8,7 @@
 //! them on stock Debian kernels with BPF-LSM active.
 use std::path::Path;
 
-use mcp_warden_tests::{
-    assert_no_leftover_cgroups, python_read_rules, repo_root, sdk_drive, target_dir, Run, Scenario,
-    TempDir,
-};
+use mcp_warden_tests::{assert_no_leftover_cgroups, sdk_drive, target_dir, Run, Scenario, TempDir};
 use serde_json::{json, Value};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mw-probe");
@@ -582,14 +579,7 @@ fn ptrace_of_a_process_moved_out_of_the_instance() {
 fn a_tools_file_right_holds_only_during_its_calls() {
     let t = tree("lsm-tool");
     let r = &t.root;
-    // BPF-LSM judges resolved paths (bpf_d_path): a symlinked venv needs
-    // its real directory.
-    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
-    let read = python_read_rules().replacen(
-        "read = [",
-        &format!("read = [{:?}, ", format!("{}/**", venv.display())),
-        1,
-    );
+    let read = mcp_warden_tests::python_read_rules_resolved(&[]);
     let pol = format!(
         "version = 1\nserver = \"filetest\"\n\n[files]\n{read}\n\n[tools.read_file.files]\nread = [{}]\n",
         q(&[format!("{r}/srv/**")])
@@ -649,16 +639,7 @@ fn a_tools_file_right_holds_only_during_its_calls() {
 fn lost_events_fail_closed_under_per_call_detection() {
     let t = tree("lsm-lost");
     let r = &t.root;
-    let venv = std::fs::canonicalize(repo_root().join(".venv")).expect("venv");
-    let read = python_read_rules().replacen(
-        "read = [",
-        &format!(
-            "read = [{:?}, {:?}, ",
-            format!("{}/**", venv.display()),
-            format!("{r}/srv/**")
-        ),
-        1,
-    );
+    let read = mcp_warden_tests::python_read_rules_resolved(&[format!("{r}/srv/**")]);
     // A tool with file rules of its own turns per-call detection on.
     let pol = format!(
         "version = 1\nserver = \"filetest\"\n\n[files]\n{read}\n\n[tools.read_file.files]\nread = [{}]\n",

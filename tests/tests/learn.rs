@@ -367,13 +367,7 @@ fn filesystem_server_learn_enforce_diff() {
 }
 
 fn toolbox() -> Vec<String> {
-    vec![
-        venv_python().display().to_string(),
-        repo_root()
-            .join("tests/fixtures/sdk/tool_server.py")
-            .display()
-            .to_string(),
-    ]
+    mcp_warden_tests::sdk_tool_server()
 }
 
 #[test]
