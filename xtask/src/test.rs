@@ -161,14 +161,26 @@ fn e2e_in_vm(root: &Path, kernel: vm::Kernel) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let start = Instant::now();
-        let mut cmd = Cmd::new(std::env::current_exe()?)
-            .args(["vm", "--kernel", kernel.name(), "--"])
-            .arg(bin)
-            .arg("--test-threads=1");
-        if let Some(f) = filter {
-            cmd = cmd.arg(f);
+        let run = || -> Result<i32> {
+            let mut cmd = Cmd::new(std::env::current_exe()?)
+                .args(["vm", "--kernel", kernel.name(), "--"])
+                .arg(bin)
+                .arg("--test-threads=1");
+            if let Some(f) = filter {
+                cmd = cmd.arg(f);
+            }
+            cmd.current_dir(root).status()
+        };
+        let mut status = run()?;
+        if status == vm::BOOT_FAILED {
+            // The guest kernel died before the suite started (an emulation
+            // fault, not a test outcome): one more boot, said out loud.
+            println!(
+                "==== VM Linux {}: {name}: the guest kernel stopped while booting; booting again",
+                kernel.name()
+            );
+            status = run()?;
         }
-        let status = cmd.current_dir(root).status()?;
         println!(
             "==== VM Linux {}: {name}: {} ({:.1} s)",
             kernel.name(),

@@ -647,6 +647,10 @@ enum Serial {
     Closed,
 }
 
+/// Exit status of `xtask vm` when the guest kernel stopped while booting,
+/// before the command started (EX_TEMPFAIL): the command never ran.
+pub const BOOT_FAILED: i32 = 75;
+
 pub fn run(args: &VmArgs) -> Result<i32> {
     ensure!(
         cmd::is_root(),
@@ -725,6 +729,17 @@ fn boot(args: &VmArgs, kernel: &PreparedKernel, dir: &Path, work: &Path) -> Resu
         GuestReport::SetupFailed => {
             console.show_tail();
             bail!("the guest could not set up the shared root filesystem");
+        }
+        GuestReport::Silent if console.lsm.is_none() => {
+            // The guest's init never ran: the kernel stopped while booting,
+            // before the command was started (seen under TCG: an int3 oops
+            // in early boot). Nothing of the command ran; say so apart.
+            console.show_tail();
+            eprintln!(
+                "xtask vm: the guest kernel stopped while booting, before the command started \
+                 (qemu: {qemu_status})"
+            );
+            return Ok(BOOT_FAILED);
         }
         GuestReport::Silent => {
             console.show_tail();
